@@ -1,0 +1,127 @@
+"""The architecture adapter interface: where a transformers 5.x MoE model keeps its routers and experts.
+
+An adapter answers four questions for one model family, and nothing else:
+- which decoder layers are MoE layers, and their router / experts modules (``moe_layers``);
+- how to turn the router's output into a probability distribution over routed experts
+  (``router_probs``), for the expert map;
+- how to read one expert's weights from the checkpoint files, in the layout of the fused
+  ``experts`` module (``read_expert``);
+- how to compute one expert's output for some tokens with those weights (``expert_forward``),
+  with exactly the operations of the model's own eager experts loop, so offloaded output is
+  bit-identical to the plain model.
+
+Shared experts and dense layers are not routed: they stay in the model, resident on the device.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from actors.checkpoint import CheckpointReader
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One MoE layer of a loaded model."""
+
+    index: int  # MoE layer number 0..L-1 (dense layers are not counted)
+    decoder_index: int  # position in model.model.layers
+    router: nn.Module  # forward hook on it sees the router output
+    experts: nn.Module  # the fused experts module (transformers' @use_experts_implementation class)
+
+
+class ArchitectureAdapter(ABC):
+    """Base class; one subclass per model family, registered in ``actors.adapters``."""
+
+    #: ``config.model_type`` values this adapter serves.
+    model_types: tuple[str, ...] = ()
+    #: Parameter names on the experts module that hold per-expert weights, first dim = expert.
+    expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
+
+    # --- model shape -------------------------------------------------------------------------
+    def num_experts(self, config: Any) -> int:
+        return int(getattr(config, "num_local_experts", None) or config.num_experts)
+
+    def top_k(self, config: Any) -> int:
+        return int(config.num_experts_per_tok)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    @abstractmethod
+    def moe_block(self, decoder_layer: nn.Module) -> nn.Module | None:
+        """The sparse MoE block of one decoder layer, or None for a dense layer."""
+
+    def router_of(self, block: nn.Module) -> nn.Module:
+        return block.gate
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        layers = []
+        for decoder_index, decoder_layer in enumerate(self.decoder_layers(model)):
+            block = self.moe_block(decoder_layer)
+            if block is None:
+                continue
+            layers.append(MoELayer(len(layers), decoder_index, self.router_of(block), block.experts))
+        return layers
+
+    # --- routing ------------------------------------------------------------------------------
+    def router_probs(self, router_output: Any) -> torch.Tensor:
+        """[T, J] float32 distribution over routed experts from the router module's output."""
+        logits = router_output[0] if isinstance(router_output, tuple) else router_output
+        return torch.softmax(logits.float(), dim=-1)
+
+    # --- weights ------------------------------------------------------------------------------
+    @abstractmethod
+    def read_expert(self, reader: CheckpointReader, decoder_index: int, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's tensors from the checkpoint, named and shaped like ``experts.<param>[expert]``."""
+
+    def expert_forward(self, experts: nn.Module, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Un-weighted output of one expert for tokens x [t, H] -> [t, H] (gated, concatenated layout)."""
+        gate, up = F.linear(x, w["gate_up_proj"]).chunk(2, dim=-1)  # [t, I] each
+        return F.linear(experts.act_fn(gate) * up, w["down_proj"])  # [t, H]
+
+
+def gated_from_three(reader: CheckpointReader, prefix: str, gate: str, up: str, down: str) -> dict[str, torch.Tensor]:
+    """Per-expert checkpoint tensors (gate [I,H], up [I,H], down [H,I]) -> fused-module layout."""
+    g = reader.get(f"{prefix}.{gate}.weight")
+    u = reader.get(f"{prefix}.{up}.weight")
+    return {"gate_up_proj": torch.cat([g, u], dim=0), "down_proj": aligned(reader.get(f"{prefix}.{down}.weight"))}
+
+
+ALIGNMENT = 64  # bytes; torch's CPU allocator aligns every allocation to this
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if contiguous and 64-byte aligned, else a copy in torch-allocated memory.
+
+    safetensors hands out tensors at file offsets (8-byte aligned) or in 32-byte-aligned buffers;
+    CPU kernels may take a different, not bit-identical path for misaligned operands (seen: a
+    one-token ``F.linear`` off by 1 ulp), so expert weights must sit where the model's own
+    parameters would.
+    """
+    if t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def sparse_block(block: nn.Module) -> nn.Module | None:
+    """``block`` if it is a sparse MoE block (has a fused ``experts`` module), else None (dense MLP).
+
+    Families with dense layers (DeepSeek ``first_k_dense_replace``, Qwen-MoE ``mlp_only_layers`` /
+    ``decoder_sparse_step``) build a plain MLP there; checking the module built follows whatever
+    rule the modeling code used, instead of re-deriving it from the config.
+    """
+    return block if isinstance(getattr(block, "experts", None), nn.Module) else None
+
+
+def gated_mlp_expert(reader: CheckpointReader, decoder_index: int, expert: int) -> dict[str, torch.Tensor]:
+    """The common on-disk layout ``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``."""
+    prefix = f"model.layers.{decoder_index}.mlp.experts.{expert}"
+    return gated_from_three(reader, prefix, "gate_proj", "up_proj", "down_proj")

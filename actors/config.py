@@ -1,0 +1,112 @@
+"""Typed configuration of the engine, passed down explicitly (no environment reads below the CLI)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "expertmap-moe-tiny"
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class Budget(BaseModel):
+    """Device memory for cached experts: a fraction of all routed-expert bytes, or absolute bytes."""
+
+    model_config = ConfigDict(frozen=True)
+    fraction: float | None = None
+    bytes: int | None = None
+
+    @classmethod
+    def parse(cls, value: str | float | int | Budget) -> Budget:
+        """'0.25', '25%', '2GiB', '512MiB', 0.25 -> Budget. Raises ValueError with the reason."""
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return cls._fraction(float(value), value)
+        text = str(value).strip()
+        if text.endswith("%"):
+            return cls._fraction(_number(text[:-1], value) / 100.0, value)
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)", text)
+        if not m:
+            raise ValueError(f"budget {value!r} is not a fraction (0.25), a percentage (25%) or a size (2GiB)")
+        number, unit = float(m.group(1)), m.group(2).lower()
+        if unit == "":
+            return cls._fraction(number, value)
+        if unit not in _UNITS:
+            raise ValueError(f"budget {value!r} has unknown unit {m.group(2)!r}; use B, KiB, MiB, GiB, KB, MB or GB")
+        size = int(number * _UNITS[unit])
+        if size <= 0:
+            raise ValueError(f"budget {value!r} must be more than 0 bytes")
+        return cls(bytes=size)
+
+    @classmethod
+    def _fraction(cls, f: float, raw: object) -> Budget:
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"budget {raw!r} is out of range: a fraction must be in (0, 1] (1 = all experts)")
+        return cls(fraction=f)
+
+    def resolve(self, total_expert_bytes: int) -> int:
+        if self.bytes is not None:
+            return self.bytes
+        assert self.fraction is not None
+        return int(self.fraction * total_expert_bytes)
+
+    def __str__(self) -> str:
+        return f"{self.fraction:g}" if self.fraction is not None else f"{self.bytes}B"
+
+
+def _number(text: str, raw: object) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"budget {raw!r} is not a number") from None
+
+
+class LinkConfig(BaseModel):
+    """How host->device copies are timed.
+
+    ``mode='cuda'``: real copies on a dedicated CUDA stream. ``mode='emulated'``: on a CPU device the
+    transfer engine copies the bytes and then holds the link for bytes / bandwidth. The bandwidth
+    is either given (``bandwidth_bytes_per_s``) or derived from ``copy_layer_ratio`` (one expert's
+    copy time in units of one decoder layer's decode time, measured at start-up). ``mode='instant'``:
+    no link delay (a test aid; never report timings from it).
+    """
+
+    model_config = ConfigDict(frozen=True)
+    mode: Literal["auto", "cuda", "emulated", "instant"] = "auto"
+    profile: str = "rtx3090-pcie4-mixtral"
+    copy_layer_ratio: float | None = Field(default=None, gt=0)
+    bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
+
+
+class EngineConfig(BaseModel):
+    """Everything one offloading engine (one device, one shard of layers) needs."""
+
+    model_config = ConfigDict(frozen=True)
+    model: Path = BUNDLED_MODEL
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    policy: str = "on-demand"
+    budget: Budget = Budget(fraction=0.25)
+    link: LinkConfig = LinkConfig()
+    prefetch: bool = True  # False: the policy's eviction rule alone (ablation)
+    pin_host_memory: bool = True  # only applies on CUDA
+    seed: int = 0
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _parse_budget(cls, v):
+        return Budget.parse(v)
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: Path) -> Path:
+        if not Path(v).is_dir():
+            raise ValueError(f"model folder {str(v)!r} does not exist or is not a folder")
+        if not (Path(v) / "config.json").exists():
+            raise ValueError(f"model folder {str(v)!r} has no config.json: not a Hugging Face model folder")
+        return Path(v)

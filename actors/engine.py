@@ -1,0 +1,292 @@
+"""The offloading engine of one device: load a Hugging Face MoE model, keep its routed experts in
+host memory and a budgeted cache of them on the device, and generate with the model's own code.
+
+Lifecycle: ``OffloadEngine(config)`` loads (model, host store, cache, link calibration);
+``generate`` runs; ``stats`` reads the cache counters; ``close`` stops the transfer worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from actors.adapters import adapter_for
+from actors.cache_stats import CacheStats
+from actors.checkpoint import CheckpointReader
+from actors.config import EngineConfig
+from actors.expert_cache import CacheBudgetError, ExpertCache
+from actors.host_store import HostExpertStore
+from actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner, register_experts_implementation
+from actors.recorder import RoutingRecorder
+from actors.slot_pool import SlotPool
+from actors.transfer import EmulatedLink, InstantLink, make_transfer
+from predictor.policies import PolicyContext, make_policy
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelFolderError(ValueError):
+    pass
+
+
+@dataclass
+class Generation:
+    text: str
+    prompt_tokens: int
+    token_ids: list[int]
+    ttft_s: float
+    tpot_s: list[float]  # one entry per decode iteration
+    stats: CacheStats
+    iteration_times: list[float] = field(default_factory=list)
+
+
+def check_model_folder(folder: Path) -> dict:
+    """Refuse folders that would run code: remote code or pickled weights."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("auto_map"):
+        raise ModelFolderError(
+            f"model folder {folder} asks to run its own code (auto_map in config.json); ExpertMap loads "
+            "only transformers' built-in architectures and never runs code from a model folder"
+        )
+    has_safetensors = any(folder.glob("*.safetensors"))
+    if not has_safetensors:
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        why = f" (found pickled weights {', '.join(pickles)})" if pickles else ""
+        raise ModelFolderError(f"model folder {folder} has no safetensors weights{why}; ExpertMap loads only safetensors")
+    return config
+
+
+def load_plain_model(folder: Path, dtype: str = "auto", experts_implementation: str = "eager") -> nn.Module:
+    """The un-offloaded reference model (used by tests and the lossless check)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_folder(Path(folder))
+    kwargs = {} if dtype == "auto" else {"dtype": _DTYPES[dtype]}
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, experts_implementation=experts_implementation, use_safetensors=True, trust_remote_code=False, **kwargs
+    )
+    return model.eval()
+
+
+def _load_tokenizer(folder: Path):
+    """The folder's tokenizer, or None when it has none (engines then take token ids)."""
+    from transformers import AutoTokenizer
+
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
+
+
+class OffloadEngine:
+    def __init__(self, config: EngineConfig, trace: list | None = None, progress: bool = False):
+        from transformers import AutoConfig
+
+        self.config = config
+        self.device = torch.device(config.device)
+        folder = Path(config.model)
+        check_model_folder(folder)
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        self.adapter = adapter_for(hf_config)  # clear error for unsupported architectures
+        if getattr(hf_config, "quantization_config", None):
+            raise ModelFolderError(f"model folder {folder} is quantized; ExpertMap reads unquantized checkpoints only")
+
+        register_experts_implementation()
+        self.model = load_plain_model(folder, config.dtype, EXPERTS_IMPLEMENTATION)
+        self.tokenizer = _load_tokenizer(folder)
+        self.layers = self.adapter.moe_layers(self.model)
+        if not self.layers:
+            raise ModelFolderError(f"model at {folder} has no MoE layers")
+        self.num_experts = self.adapter.num_experts(hf_config)
+        self.top_k = self.adapter.top_k(hf_config)
+        dtype = next(self.model.parameters()).dtype
+
+        pin = self.device.type == "cuda" and config.pin_host_memory
+        self.host = HostExpertStore(
+            self.adapter, CheckpointReader(folder), self.layers, self.num_experts, dtype, pin, progress
+        )
+        self._drop_fused_experts()
+        self.model.to(self.device)
+
+        # budget -> slots
+        total = self.host.total_bytes
+        policy_cls_resident = config.policy == "resident"
+        budget_bytes = total if policy_cls_resident else config.budget.resolve(total)
+        num_slots = min(len(self.host), budget_bytes // self.host.expert_bytes)
+        if num_slots < self.top_k:
+            need = self.top_k * self.host.expert_bytes
+            raise CacheBudgetError(
+                f"budget {config.budget} ({budget_bytes} bytes) holds {num_slots} experts; a layer can select "
+                f"{self.top_k} (top-k) at once, so the smallest budget is {need} bytes "
+                f"({need / total:.4f} of all {total} expert bytes)"
+            )
+        self.num_slots = num_slots
+        self.budget_bytes = budget_bytes
+        options = {"trace": trace} if trace is not None else {}
+        self.policy = make_policy(
+            config.policy,
+            PolicyContext(len(self.layers), self.num_experts, self.top_k, num_slots, config.prefetch, options),
+        )
+        self.pool = SlotPool(num_slots, self.host.shapes, dtype, self.device)
+        mode = config.link.mode
+        if mode == "auto":
+            mode = "cuda" if self.device.type == "cuda" else "emulated"
+        self.link_mode = mode
+        first = make_transfer("cuda" if mode == "cuda" else "instant", self.pool, self.device, None)
+        self.cache = ExpertCache(self.pool, first, self.policy, self.host.__getitem__, self.host.expert_bytes)
+        self.runner = ExpertRunner(self.adapter, self.cache, self.policy)
+        self.runner.num_layers = len(self.layers)
+        for layer in self.layers:
+            layer.experts._expertmap_layer = layer.index
+            layer.experts._expertmap_runner = self.runner
+
+        self.recorder = RoutingRecorder(self.adapter, self.layers, on_router=self.policy.on_router)
+        self.recorder.attach_embedding(self.model.get_input_embeddings())
+        self.iteration = -1
+        self._iteration_ends: list[float] = []
+        decoder = self.model.model
+        decoder.register_forward_pre_hook(self._iteration_start)
+        decoder.register_forward_hook(self._iteration_end)
+        self.layer_time_s: float | None = None
+        self.bandwidth: float | None = None
+        if mode == "emulated":
+            self._calibrate_link()
+        if self.policy.all_resident:
+            self.cache.preload(self.host.keys())
+        logger.info(
+            "engine ready: %s, %d MoE layers x %d experts, %d slots (%.1f%%), policy %s, link %s",
+            folder.name, len(self.layers), self.num_experts, num_slots, 100 * num_slots / len(self.host),
+            config.policy, mode,
+        )
+
+    # --- set-up helpers -----------------------------------------------------------------------
+    def _drop_fused_experts(self) -> None:
+        """The fused expert tensors are replaced by empty placeholders: experts live in the host store."""
+        for layer in self.layers:
+            for name in self.adapter.expert_params:
+                setattr(layer.experts, name, nn.Parameter(torch.empty(0), requires_grad=False))
+
+    def _calibrate_link(self) -> None:
+        """Measure one decoder layer's decode time, then set the emulated link's bandwidth."""
+        link = self.config.link
+        bandwidth = link.bandwidth_bytes_per_s
+        if bandwidth is None:
+            if link.copy_layer_ratio is None:
+                raise ValueError("emulated link needs copy_layer_ratio or bandwidth_bytes_per_s")
+            ids = torch.tensor([self._calibration_ids()])
+            times = []
+            for _ in range(2):  # the second pass is the measurement
+                self._iteration_ends = []
+                self._generate_ids(ids.to(self.device), 12, do_sample=False, seed=0)
+                ends = self._iteration_ends
+                times = [b - a for a, b in zip(ends[1:], ends[2:])]
+            times.sort()
+            decode_s = times[len(times) // 2]
+            self.layer_time_s = decode_s / self.model.config.num_hidden_layers
+            bandwidth = self.host.expert_bytes / (link.copy_layer_ratio * self.layer_time_s)
+        self.bandwidth = bandwidth
+        self.cache.transfer = EmulatedLink(self.pool, bandwidth)
+        self.reset()
+        logger.info(
+            "emulated link: %.3g B/s (layer decode time %s, one expert copy = %.2f ms)",
+            bandwidth,
+            f"{self.layer_time_s * 1e3:.3f} ms" if self.layer_time_s else "n/a",
+            1e3 * self.host.expert_bytes / bandwidth,
+        )
+
+    def _calibration_ids(self) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer("The expert cache calibrates its link.").input_ids
+        vocab = self.model.config.vocab_size
+        return [(7 * i + 3) % vocab for i in range(8)]
+
+    def reset(self) -> None:
+        """Empty the cache (resident experts stay for `resident`), clear statistics and traces."""
+        self.cache.clear(keep_all=self.policy.all_resident)
+        self.runner.trace = []
+        self.recorder.records = []
+        self.iteration = -1
+
+    # --- iteration hooks ------------------------------------------------------------------------
+    def _iteration_start(self, module, args, kwargs=None):
+        self.iteration += 1
+        self.runner.start_iteration()
+        self.policy.on_iteration_start(self.iteration, None)
+
+    def _iteration_end(self, module, args, output):
+        self.recorder.finish_iteration(self.iteration)
+        self.policy.on_iteration_end(self.iteration)
+        self._iteration_ends.append(time.perf_counter())
+
+    # --- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_ids(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool, seed: int, **sampling):
+        torch.manual_seed(seed)
+        return self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=self._pad_id,
+            **({"temperature": sampling.get("temperature", 1.0), "top_p": sampling.get("top_p", 1.0)} if do_sample else {}),
+        )
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        seed: int = 0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> Generation:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"model at {self.config.model} has no tokenizer: pass token ids")
+            ids = self.tokenizer(prompt).input_ids
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        ids_t = torch.tensor([ids], device=self.device)
+        before = self.cache.snapshot_stats()
+        self._iteration_ends = []
+        t0 = time.perf_counter()
+        out = self._generate_ids(ids_t, max_new_tokens, do_sample, seed, temperature=temperature, top_p=top_p)
+        ends = self._iteration_ends
+        new = out[0, len(ids) :].tolist()
+        return Generation(
+            text=self.tokenizer.decode(new, skip_special_tokens=True) if self.tokenizer is not None else "",
+            prompt_tokens=len(ids),
+            token_ids=new,
+            ttft_s=ends[0] - t0 if ends else 0.0,
+            tpot_s=[b - a for a, b in zip(ends, ends[1:])],
+            stats=self.cache.snapshot_stats().minus(before),
+            iteration_times=[t - t0 for t in ends],
+        )
+
+    @property
+    def _pad_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        cfg = self.model.config
+        return cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.cache.snapshot_stats()
+
+    @property
+    def trace(self) -> list[list[list[int]]]:
+        return self.runner.trace
+
+    def close(self) -> None:
+        self.cache.close()

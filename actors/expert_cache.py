@@ -1,0 +1,272 @@
+"""The budgeted device expert cache: fixed slots, bookkeeping in plain Python, copies on a worker.
+
+State of one expert key (MoE layer, expert):
+  absent -> loading (a copy job queued or on the link) -> resident (in a slot) -> absent (evicted)
+
+Rules of the link (one worker thread, one copy at a time, non-preemptive):
+- On-demand loads (misses) are served first, in the order the layer asked for them.
+- While any on-demand load is waiting, no prefetch starts ("pause on miss").
+- A prefetch starts only when the link is idle and no miss waits; it is taken from the policy's
+  current plan (highest priority first) at that moment, so a plan that changed never leaves
+  stale copies queued: there is no prefetch queue to go stale. A prefetch must find a free slot,
+  or a victim the policy admits (``Policy.admit``).
+- A miss on an expert whose prefetch is already on the link waits for that copy (a miss, with
+  its wait counted as stall time); nothing is copied twice.
+
+Experts in use by the computing layer are pinned: never chosen as victims. Everything else is
+the policy's choice (``Policy.choose_victim``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import torch
+
+from actors.cache_stats import CacheStats
+from actors.slot_pool import SlotPool
+from actors.transfer import TransferEngine
+from predictor.policies.base import Key, Policy, Prefetch
+
+logger = logging.getLogger(__name__)
+
+
+class CacheBudgetError(ValueError):
+    pass
+
+
+class ExpertCache:
+    def __init__(
+        self,
+        pool: SlotPool,
+        transfer: TransferEngine,
+        policy: Policy,
+        host_weights: Callable[[Key], dict[str, torch.Tensor]],
+        expert_bytes: int,
+        name: str = "cache",
+    ):
+        self.pool = pool
+        self.transfer = transfer
+        self.policy = policy
+        self.host_weights = host_weights
+        self.expert_bytes = expert_bytes
+        self.stats = CacheStats()
+        self._cv = threading.Condition()
+        self._slot_of: dict[Key, int] = {}  # resident
+        self._loading: dict[Key, bool] = {}  # key -> is_prefetch (queued on demand, or on the link)
+        self._demand: deque[Key] = deque()  # on-demand jobs not yet started
+        self._free: list[int] = list(range(pool.num_slots - 1, -1, -1))
+        self._pins: dict[Key, int] = {}
+        self._unused_prefetch: set[Key] = set()  # prefetched, not yet accessed
+        self._late_prefetch: set[Key] = set()  # accessed while its prefetch was still on the link
+        self._wake = False
+        self._stop = False
+        self._error: BaseException | None = None
+        policy.contains = self.contains
+        self._worker = threading.Thread(target=self._run, name=f"{name}-link", daemon=True)
+        self._worker.start()
+
+    # --- queries ------------------------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return self.pool.num_slots
+
+    def contains(self, key: Key) -> bool:
+        """Resident or being loaded (called under the lock by policies, or by tests)."""
+        return key in self._slot_of or key in self._loading
+
+    def resident_keys(self) -> set[Key]:
+        with self._cv:
+            return set(self._slot_of)
+
+    # --- compute-thread API -------------------------------------------------------------------
+    def acquire(self, layer: int, experts: list[int]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """Yield (expert, device weights) for every selected expert of ``layer``.
+
+        Resident experts come first (computed while the misses load), then each miss as its copy
+        lands. The caller must call ``release`` for each expert once its kernels are issued.
+        """
+        misses: list[Key] = []
+        ready: list[Key] = []
+        with self._cv:
+            self._check_worker()
+            if len(experts) and self.pool.num_slots < 1:
+                raise CacheBudgetError("the expert cache has no slots")
+            for e in experts:
+                key = (layer, e)
+                hit = key in self._slot_of
+                self.stats.accesses += 1
+                if key in self._unused_prefetch:
+                    self._unused_prefetch.discard(key)
+                    if hit:
+                        self.stats.prefetch_used += 1
+                self.policy.on_access(key, hit)
+                self._pins[key] = self._pins.get(key, 0) + 1
+                if hit:
+                    self.stats.hits += 1
+                    ready.append(key)
+                else:
+                    self.stats.misses += 1
+                    misses.append(key)
+                    if key not in self._loading:
+                        self._loading[key] = False
+                        self._demand.append(key)
+                    elif self._loading[key]:
+                        self._late_prefetch.add(key)
+            if misses:
+                self._wake = True
+                self._cv.notify_all()
+        for key in ready:
+            yield key[1], self.pool.view(self._slot_of[key])
+        for key in misses:
+            with self._cv:
+                if key not in self._slot_of:
+                    t0 = time.perf_counter()
+                    while key not in self._slot_of:
+                        self._check_worker()
+                        self._cv.wait(timeout=1.0)
+                    self.stats.stall_s += time.perf_counter() - t0
+                slot = self._slot_of[key]
+            yield key[1], self.pool.view(slot)
+
+    def release(self, key: Key) -> None:
+        with self._cv:
+            n = self._pins.get(key, 0) - 1
+            if n <= 0:
+                self._pins.pop(key, None)
+                slot = self._slot_of.get(key)
+                if slot is not None:
+                    self.transfer.slot_released(slot)
+                self._wake = True
+                self._cv.notify_all()
+            else:
+                self._pins[key] = n
+
+    def poke(self) -> None:
+        """Tell the worker the policy's plan may have changed (e.g. a new layer started)."""
+        with self._cv:
+            self._wake = True
+            self._cv.notify_all()
+
+    def preload(self, keys: list[Key]) -> None:
+        """Fill slots synchronously before a run (no statistics): the `resident` policy's set-up."""
+        with self._cv:
+            if len(keys) > len(self._free):
+                raise CacheBudgetError(f"cannot preload {len(keys)} experts into {len(self._free)} free slots")
+            for key in keys:
+                slot = self._free.pop()
+                self.pool.write(slot, self.host_weights(key))
+                self._slot_of[key] = slot
+                self.policy.on_insert(key, prefetched=False)
+
+    def clear(self, keep_all: bool = False) -> None:
+        """Forget every cached expert (or keep them all: `resident`), reset statistics and policy."""
+        with self._cv:
+            while self._loading:  # let a copy on the link finish; nothing new starts meanwhile
+                self._demand.clear()
+                self._cv.wait(timeout=0.1)
+            if not keep_all:
+                self._free.extend(self._slot_of.values())
+                self._slot_of.clear()
+            self._pins.clear()
+            self._unused_prefetch.clear()
+            self._late_prefetch.clear()
+            self.stats = CacheStats()
+            self.policy.reset()
+            for key in self._slot_of:
+                self.policy.on_insert(key, prefetched=False)
+
+    def snapshot_stats(self) -> CacheStats:
+        with self._cv:
+            return replace(self.stats)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._worker.join(timeout=5)
+
+    # --- worker -------------------------------------------------------------------------------
+    def _check_worker(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"expert transfer worker failed: {self._error!r}") from self._error
+
+    def _victims(self) -> list[Key]:
+        return [k for k in self._slot_of if k not in self._pins]
+
+    def _next_job(self) -> tuple[Key, int, bool] | None:
+        """Under the lock: (key, slot, is_prefetch) to copy now, or None to wait."""
+        if self._demand:
+            key = self._demand[0]
+            slot = self._take_slot(None)
+            if slot is None:
+                return None  # every slot is pinned by the computing layer: wait for a release
+            self._demand.popleft()
+            return key, slot, False
+        if not self.policy.ctx.prefetch:
+            return None
+        for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
+            if self.contains(want.key):
+                continue
+            slot = self._take_slot(want)
+            if slot is not None:
+                self._loading[want.key] = True
+                return want.key, slot, True
+            break  # the best wanted expert cannot come in now; do not let worse ones jump it
+        return None
+
+    def _take_slot(self, prefetch: Prefetch | None) -> int | None:
+        if self._free:
+            if prefetch is not None and not self.policy.admit(prefetch, None):
+                return None
+            return self._free.pop()
+        candidates = self._victims()
+        if not candidates:
+            return None
+        victim = self.policy.choose_victim(candidates)
+        if prefetch is not None and not self.policy.admit(prefetch, victim):
+            return None
+        slot = self._slot_of.pop(victim)
+        self._unused_prefetch.discard(victim)
+        self.policy.on_evict(victim)
+        return slot
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    job = None
+                    while not self._stop:
+                        job = self._next_job()
+                        if job is not None:
+                            break
+                        self._wake = False
+                        self._cv.wait_for(lambda: self._wake or self._stop, timeout=0.5)
+                    if self._stop:
+                        return
+                key, slot, is_prefetch = job
+                self.transfer.copy(slot, self.host_weights(key), self.expert_bytes)
+                with self._cv:
+                    self._loading.pop(key, None)
+                    self._slot_of[key] = slot
+                    self.stats.copies += 1
+                    self.stats.bytes_moved += self.expert_bytes
+                    if is_prefetch:
+                        self.stats.prefetched += 1
+                        if key in self._late_prefetch:  # right prediction, too late to be a hit
+                            self._late_prefetch.discard(key)
+                            self.stats.prefetch_used += 1
+                        else:
+                            self._unused_prefetch.add(key)
+                    self.policy.on_insert(key, prefetched=is_prefetch)
+                    self._cv.notify_all()
+        except BaseException as exc:  # surfaced to the compute thread by _check_worker
+            logger.exception("expert transfer worker failed")
+            with self._cv:
+                self._error = exc
+                self._cv.notify_all()

@@ -1,0 +1,59 @@
+"""Host (CPU) copies of routed experts, read one expert at a time from the checkpoint."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm import tqdm
+
+from actors.adapters import ArchitectureAdapter, MoELayer
+from actors.checkpoint import CheckpointReader
+from predictor.policies.base import Key
+
+logger = logging.getLogger(__name__)
+
+
+class HostExpertStore:
+    """All routed experts of the given MoE layers, in host memory, in the fused-module layout.
+
+    Read per expert from safetensors (memory-mapped), cast to the model's dtype, and pinned when
+    the device is CUDA so that copies can be asynchronous. Each stage holds only its own layers.
+    """
+
+    def __init__(
+        self,
+        adapter: ArchitectureAdapter,
+        reader: CheckpointReader,
+        layers: list[MoELayer],
+        num_experts: int,
+        dtype: torch.dtype,
+        pin: bool,
+        progress: bool = True,
+    ):
+        self._experts: dict[Key, dict[str, torch.Tensor]] = {}
+        todo = [(layer, e) for layer in layers for e in range(num_experts)]
+        for layer, e in tqdm(todo, desc="reading experts", unit="expert", disable=not progress, leave=False):
+            tensors = adapter.read_expert(reader, layer.decoder_index, e)
+            tensors = {n: t.to(dtype).contiguous() for n, t in tensors.items()}
+            if pin:
+                tensors = {n: t.pin_memory() for n, t in tensors.items()}
+            self._experts[(layer.index, e)] = tensors
+        first = next(iter(self._experts.values()))
+        self.shapes = {n: t.shape for n, t in first.items()}
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in first.values())
+        self.dtype = dtype
+        logger.info("host store: %d experts, %.1f KiB each", len(self._experts), self.expert_bytes / 1024)
+
+    def __getitem__(self, key: Key) -> dict[str, torch.Tensor]:
+        return self._experts[key]
+
+    def __len__(self) -> int:
+        return len(self._experts)
+
+    def keys(self) -> list[Key]:
+        return list(self._experts)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.expert_bytes * len(self._experts)

@@ -1,0 +1,102 @@
+"""Transfer engines: how one host->device expert copy is made and timed.
+
+One engine per device; the cache's worker thread calls ``copy`` for one expert at a time, so the
+link is serial, as a PCIe link is. ``copy`` returns when the expert is fully resident.
+
+- ``CudaTransfer``: real copies from pinned host memory on a dedicated copy stream; the stream
+  first waits for the compute work that last read the slot, then copies, then an event marks
+  completion (the worker waits on that event, never the compute thread).
+- ``EmulatedLink``: CPU device. Copies the bytes, then holds the link until bytes / bandwidth has
+  passed since the copy began, so prefetches overlap compute and misses stall as over PCIe.
+- ``InstantLink``: copies with no added delay (tests and calibration only).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+
+import torch
+
+from actors.slot_pool import SlotPool
+
+logger = logging.getLogger(__name__)
+
+
+class TransferEngine(ABC):
+    def __init__(self, pool: SlotPool):
+        self.pool = pool
+        self.busy_s = 0.0  # time the link was occupied
+
+    @abstractmethod
+    def copy(self, slot: int, host: dict[str, torch.Tensor], nbytes: int) -> None:
+        """Copy one expert into ``slot``; return when it is resident."""
+
+    def slot_released(self, slot: int) -> None:
+        """Called on the compute thread after the last kernel that reads ``slot`` was issued."""
+
+
+class InstantLink(TransferEngine):
+    def copy(self, slot, host, nbytes):
+        t0 = time.perf_counter()
+        self.pool.write(slot, host)
+        self.busy_s += time.perf_counter() - t0
+
+
+class EmulatedLink(TransferEngine):
+    def __init__(self, pool: SlotPool, bandwidth_bytes_per_s: float):
+        super().__init__(pool)
+        if bandwidth_bytes_per_s <= 0:
+            raise ValueError(f"link bandwidth {bandwidth_bytes_per_s!r} B/s must be positive")
+        self.bandwidth = bandwidth_bytes_per_s
+
+    def copy(self, slot, host, nbytes):
+        t0 = time.perf_counter()
+        self.pool.write(slot, host)
+        remaining = nbytes / self.bandwidth - (time.perf_counter() - t0)
+        if remaining > 0:
+            time.sleep(remaining)
+        self.busy_s += time.perf_counter() - t0
+
+
+class CudaTransfer(TransferEngine):
+    """Copy stream + events. Host tensors must be pinned for the copies to be asynchronous."""
+
+    def __init__(self, pool: SlotPool, device: torch.device):
+        super().__init__(pool)
+        self.device = device
+        self.stream = torch.cuda.Stream(device=device)
+        # event recorded on the compute stream when a slot's last reader was issued
+        self._slot_free: dict[int, torch.cuda.Event] = {}
+
+    def slot_released(self, slot):
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._slot_free[slot] = ev
+
+    def copy(self, slot, host, nbytes):
+        t0 = time.perf_counter()
+        done = torch.cuda.Event()
+        with torch.cuda.stream(self.stream):
+            free = self._slot_free.pop(slot, None)
+            if free is not None:
+                self.stream.wait_event(free)
+            self.pool.write(slot, host, non_blocking=True)
+            done.record(self.stream)
+        done.synchronize()  # on the transfer worker thread only
+        self.busy_s += time.perf_counter() - t0
+
+
+def make_transfer(mode: str, pool: SlotPool, device: torch.device, bandwidth: float | None) -> TransferEngine:
+    if mode == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"link mode 'cuda' needs a CUDA device, got {device}")
+        return CudaTransfer(pool, device)
+    if mode == "emulated":
+        if bandwidth is None:
+            raise ValueError("link mode 'emulated' needs a bandwidth (or a copy/layer ratio to derive it)")
+        return EmulatedLink(pool, bandwidth)
+    if mode == "instant":
+        return InstantLink(pool)
+    raise ValueError(f"unknown link mode {mode!r}; use cuda, emulated or instant")

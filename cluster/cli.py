@@ -1,0 +1,152 @@
+"""The `expertmap` command line. The entry point: the only place that reads the environment.
+
+    expertmap generate --prompt "def fib(n):" [--model DIR] [--policy P] [--budget B]
+                       [--link PROFILE] [--max-new-tokens N] [--device D] [--sample --seed S]
+
+User mistakes (unknown policy, budget out of range, a folder that is not an MoE model) print one
+line starting with ``expertmap: error:`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig
+
+log = logging.getLogger("expertmap")
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit status 2."""
+
+
+def _link_config(name: str) -> LinkConfig:
+    if name == "instant":
+        return LinkConfig(mode="instant", profile="instant")
+    if name == "cuda":
+        return LinkConfig(mode="cuda", profile="cuda")
+    from bench.link_profiles import get_profile
+
+    profile = get_profile(name)
+    return LinkConfig(mode="auto", profile=name, copy_layer_ratio=profile.ratio)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    from predictor.policies import POLICIES
+
+    if args.policy not in POLICIES:
+        raise UsageError(f"unknown policy {args.policy!r}; choose one of: {', '.join(sorted(POLICIES))}")
+    try:
+        budget = Budget.parse(args.budget)
+        link = _link_config(args.link)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    model = Path(args.model)
+    if not model.is_dir():
+        raise UsageError(f"model folder {str(model)!r} does not exist")
+    if not (model / "config.json").exists():
+        raise UsageError(f"model folder {str(model)!r} has no config.json: not a Hugging Face model folder")
+    return EngineConfig(model=model, device=args.device, policy=args.policy, budget=budget, link=link, prefetch=not args.no_prefetch)
+
+
+def _format_stats(stats, ttft: float, tpot: list[float]) -> str:
+    tpot_mean = sum(tpot) / len(tpot) if tpot else 0.0
+    rows = [
+        ("accesses", f"{stats.accesses}"),
+        ("hits", f"{stats.hits} ({stats.hit_rate:.1%})"),
+        ("misses", f"{stats.misses}"),
+        ("stall", f"{stats.stall_s:.3f} s"),
+        ("moved", f"{stats.bytes_moved / 2**20:.1f} MiB in {stats.copies} copies"),
+        ("prefetch", f"{stats.prefetched} copies, precision {stats.precision:.1%}, recall {stats.recall:.1%}"),
+        ("TTFT", f"{ttft * 1e3:.1f} ms"),
+        ("TPOT", f"{tpot_mean * 1e3:.1f} ms (mean of {len(tpot)})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from actors.engine import OffloadEngine
+
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
+    config = engine_config(args)
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed)
+    trace = None
+    if config.policy == "oracle":
+        # The oracle needs the run's future accesses: a first pass records them (lossless
+        # execution routes identically), then the oracle pass replays the same generation.
+        first = OffloadEngine(config.model_copy(update={"policy": "resident"}), progress=args.progress)
+        first.generate(args.prompt, **gen_kwargs)
+        trace = first.trace
+        first.close()
+    engine = OffloadEngine(config, trace=trace, progress=args.progress)
+    try:
+        gen = engine.generate(args.prompt, **gen_kwargs)
+    finally:
+        engine.close()
+    print(args.prompt + gen.text)
+    print()
+    link = config.link.profile
+    if engine.bandwidth:
+        link += f", {engine.bandwidth / 2**20:.1f} MiB/s emulated"
+    print(
+        f"policy {config.policy}, budget {config.budget} = {engine.num_slots} of {len(engine.host)} experts, "
+        f"link {link}, {gen.prompt_tokens} prompt + {len(gen.token_ids)} new tokens"
+    )
+    print(_format_stats(gen.stats, gen.ttft_s, gen.tpot_s))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench.link_profiles import DEFAULT_PROFILE
+
+    ap = argparse.ArgumentParser(prog="expertmap", description="Serve MoE models with experts offloaded to host memory.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress and engine details")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="one generation in-process, printing the text and cache statistics")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--model", default=str(BUNDLED_MODEL), help="Hugging Face MoE model folder (default: bundled)")
+    g.add_argument("--policy", default="on-demand", help="resident, on-demand (lru), lfu, oracle")
+    g.add_argument("--budget", default="0.25", help="fraction of all expert bytes (0.25, 25%%) or a size (2GiB)")
+    g.add_argument("--link", default=DEFAULT_PROFILE, help="link profile (see bench/link_profiles.py), or instant")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    g.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-prefetch", action="store_true", help="the policy's eviction rule alone")
+    g.set_defaults(func=cmd_generate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    verbose = args.verbose or os.environ.get("EXPERTMAP_LOG", "").lower() == "debug"
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    args.progress = sys.stderr.isatty()
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"expertmap: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        # configuration errors raised below the CLI carry their own explanation
+        print(f"expertmap: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Policies by name. One file per strategy; ``make_policy(name, ctx)`` builds one."""
+
+from __future__ import annotations
+
+from predictor.policies.base import Key, Policy, PolicyContext, Position, Prefetch
+from predictor.policies.lfu import LFU
+from predictor.policies.on_demand import OnDemandLRU
+from predictor.policies.oracle import AccessTrace, Oracle
+from predictor.policies.resident import Resident
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Resident, OnDemandLRU, LFU, Oracle)}
+POLICIES["lru"] = OnDemandLRU
+
+
+class UnknownPolicyError(ValueError):
+    pass
+
+
+def make_policy(name: str, ctx: PolicyContext) -> Policy:
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise UnknownPolicyError(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}") from None
+    return cls(ctx)
+
+
+__all__ = [
+    "POLICIES",
+    "AccessTrace",
+    "Key",
+    "Policy",
+    "PolicyContext",
+    "Position",
+    "Prefetch",
+    "UnknownPolicyError",
+    "make_policy",
+]

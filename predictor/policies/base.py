@@ -1,0 +1,101 @@
+"""The policy interface: what a cache asks of a prediction/eviction strategy.
+
+A policy sees the run through a few callbacks on the compute thread (cheap: they must not block)
+and answers two questions for the cache:
+
+- ``choose_victim(candidates)``: which resident expert to evict (eviction rule);
+- ``prefetch_plan()``: which experts to copy ahead, with priorities (prediction). The cache polls
+  it whenever the link would otherwise idle; the plan is advisory and may change at any time.
+
+Bookkeeping is plain Python over ``Key = (moe_layer, expert)``; policies never touch tensors
+except the router probabilities they are shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Key = tuple[int, int]  # (MoE layer index, expert index)
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    num_layers: int  # MoE layers L
+    num_experts: int  # routed experts per layer J
+    top_k: int
+    num_slots: int  # cache capacity in experts
+    prefetch: bool = True  # False: eviction rule alone (ablation)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    key: Key
+    priority: float  # higher first
+
+
+@dataclass
+class Position:
+    """Where the computation is: iteration number and the MoE layer now computing."""
+
+    iteration: int = -1
+    layer: int = -1
+
+
+class Policy:
+    """Base class: LRU eviction, no prefetching. Subclasses override what differs."""
+
+    name = "base"
+    #: resident experts are loaded before the run and never evicted
+    all_resident = False
+
+    def __init__(self, ctx: PolicyContext):
+        self.ctx = ctx
+        self.pos = Position()
+        self._recency: dict[Key, int] = {}
+        self._clock = 0
+
+    def reset(self) -> None:
+        """Forget run history (the cache was emptied). Subclasses clear their own state too."""
+        self.pos = Position()
+        self._recency.clear()
+        self._clock = 0
+
+    # --- run callbacks (compute thread) ------------------------------------------------------
+    def on_iteration_start(self, iteration: int, embedding: torch.Tensor | None) -> None:
+        self.pos = Position(iteration, -1)
+
+    def on_router(self, layer: int, probs: torch.Tensor) -> None:
+        """Router distribution of ``layer`` for this iteration's tokens, [T, J] on the device."""
+
+    def on_layer_start(self, layer: int, experts: list[int]) -> None:
+        self.pos.layer = layer
+
+    def on_iteration_end(self, iteration: int) -> None:
+        pass
+
+    # --- cache callbacks (under the cache lock) ----------------------------------------------
+    def on_access(self, key: Key, hit: bool) -> None:
+        self._clock += 1
+        self._recency[key] = self._clock
+
+    def on_insert(self, key: Key, prefetched: bool) -> None:
+        self._clock += 1
+        self._recency.setdefault(key, self._clock)
+
+    def on_evict(self, key: Key) -> None:
+        self._recency.pop(key, None)
+
+    def choose_victim(self, candidates: list[Key]) -> Key:
+        """Least recently used."""
+        return min(candidates, key=lambda k: self._recency.get(k, 0))
+
+    def prefetch_plan(self) -> list[Prefetch]:
+        return []
+
+    def admit(self, prefetch: Prefetch, victim: Key | None) -> bool:
+        """May ``prefetch`` evict ``victim`` (None: a free slot)? Default: only into free slots."""
+        return victim is None

@@ -1,0 +1,8 @@
+"""`resident`: every routed expert on the device (budget 100%), no transfers during the run."""
+
+from predictor.policies.base import Policy
+
+
+class Resident(Policy):
+    name = "resident"
+    all_resident = True
