@@ -1,14 +1,19 @@
-# The two set-up commands of the README, and the test command CI runs.
+# The README's two set-up commands, and the test command CI runs.
 PY ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test train-model
-install:            ## CPU torch first (a bare `torch` pulls CUDA), then the project with test extras
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[test,bench]"
+.PHONY: install redis test train-model
+install: redis      ## CPU torch first (a bare `torch` pulls a multi-GB CUDA build), then the project
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,bench]"
+
+redis:              ## Debian's redis-server: the tests start their own on a free loopback port
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
 test:
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-train-model:        ## re-train the bundled model (about 45 minutes on 2 CPU cores)
+train-model:        ## re-train the bundled model (about 45 minutes on 2 CPU cores) and rewrite its card
 	$(PY) models/train.py --minutes 45 --out models/expertmap-moe-tiny
 	$(PY) models/card.py --model models/expertmap-moe-tiny

@@ -73,7 +73,7 @@ def load_plain_model(folder: Path, dtype: str = "auto", experts_implementation: 
     model = AutoModelForCausalLM.from_pretrained(
         folder, experts_implementation=experts_implementation, use_safetensors=True, trust_remote_code=False, **kwargs
     )
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _load_tokenizer(folder: Path):

@@ -37,3 +37,14 @@ def bundled_model() -> BundledModel:
         cfg.num_experts_per_tok,
         cfg.num_local_experts * cfg.num_hidden_layers,
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

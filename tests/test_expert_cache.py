@@ -1,0 +1,199 @@
+"""The expert cache's rules: right weights in the slots, eviction order, pause on miss, admission."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from actors.expert_cache import ExpertCache
+from actors.slot_pool import SlotPool
+from actors.transfer import InstantLink, TransferEngine
+from predictor.policies import PolicyContext, Prefetch, make_policy
+from predictor.policies.base import Policy
+
+LAYERS, EXPERTS = 4, 8
+
+
+def host_weights(key):
+    layer, expert = key
+    return {"w": torch.full((2, 3), float(layer * 100 + expert))}
+
+
+def make_cache(policy: Policy, slots: int, transfer_cls=InstantLink) -> ExpertCache:
+    pool = SlotPool(slots, {"w": torch.Size([2, 3])}, torch.float32, torch.device("cpu"))
+    return ExpertCache(pool, transfer_cls(pool), policy, host_weights, expert_bytes=24)
+
+
+def ctx(slots: int, prefetch: bool = True, **options) -> PolicyContext:
+    return PolicyContext(LAYERS, EXPERTS, 2, slots, prefetch, options)
+
+
+def run_layer(cache: ExpertCache, layer: int, experts: list[int]) -> dict[int, float]:
+    """Acquire a layer's experts like the runner does; return the value each slot held."""
+    seen = {}
+    for e, w in cache.acquire(layer, experts):
+        seen[e] = w["w"][0, 0].item()
+        cache.release((layer, e))
+    return seen
+
+
+def test_slots_hold_the_right_experts_and_counts_add_up():
+    cache = make_cache(make_policy("on-demand", ctx(3)), 3)
+    try:
+        assert run_layer(cache, 0, [1, 2]) == {1: 1.0, 2: 2.0}
+        assert run_layer(cache, 1, [5]) == {5: 105.0}
+        assert run_layer(cache, 0, [2, 1]) == {2: 2.0, 1: 1.0}
+        s = cache.snapshot_stats()
+        assert (s.accesses, s.hits, s.misses, s.copies) == (5, 2, 3, 3)
+        assert s.bytes_moved == 3 * 24
+    finally:
+        cache.close()
+
+
+def test_lru_evicts_least_recently_used():
+    cache = make_cache(make_policy("on-demand", ctx(2)), 2)
+    try:
+        run_layer(cache, 0, [0])
+        run_layer(cache, 0, [1])
+        run_layer(cache, 0, [0])  # 1 is now least recent
+        run_layer(cache, 0, [2])
+        assert cache.resident_keys() == {(0, 0), (0, 2)}
+    finally:
+        cache.close()
+
+
+def test_lfu_evicts_least_frequently_used():
+    cache = make_cache(make_policy("lfu", ctx(2)), 2)
+    try:
+        for _ in range(3):
+            run_layer(cache, 0, [0])
+        run_layer(cache, 0, [1])
+        run_layer(cache, 0, [1])
+        run_layer(cache, 0, [0])  # 0 used 4 times, 1 twice but more recently
+        run_layer(cache, 0, [2])
+        assert cache.resident_keys() == {(0, 0), (0, 2)}
+    finally:
+        cache.close()
+
+
+def test_oracle_evicts_the_expert_needed_furthest_ahead():
+    # trace: iteration 0 uses layer 0 experts 0,1 then layer 1 expert 2; iteration 1 needs (0,1) then (1,0)...
+    trace = [[[0, 1], [2], [], []], [[1], [], [], []], [[0], [], [], []]]
+    policy = make_policy("oracle", ctx(2, prefetch=False, trace=trace))
+    cache = make_cache(policy, 2)
+    try:
+        policy.on_iteration_start(0, None)
+        policy.on_layer_start(0, [0, 1])
+        run_layer(cache, 0, [0, 1])
+        policy.on_layer_start(1, [2])
+        run_layer(cache, 1, [2])  # must evict (0,0) (next use: iteration 2), keep (0,1) (iteration 1)
+        assert cache.resident_keys() == {(0, 1), (1, 2)}
+    finally:
+        cache.close()
+
+
+def test_layer_needing_more_experts_than_slots_streams_through_them():
+    cache = make_cache(make_policy("on-demand", ctx(2)), 2)
+    try:
+        assert run_layer(cache, 2, [0, 1, 2, 3, 4]) == {e: 200.0 + e for e in range(5)}
+    finally:
+        cache.close()
+
+
+class GatedLink(TransferEngine):
+    """A link whose copies wait for the test to open a gate; records the order of copies."""
+
+    def __init__(self, pool):
+        super().__init__(pool)
+        self.order: list[int] = []
+        self.gate = threading.Semaphore(0)
+
+    def copy(self, slot, host, nbytes):
+        self.gate.acquire()
+        self.order.append(int(host["w"][0, 0].item()))
+        self.pool.write(slot, host)
+
+
+class FixedPlan(Policy):
+    name = "fixed-plan"
+
+    def __init__(self, ctx, plan):
+        super().__init__(ctx)
+        self.plan = plan
+
+    def prefetch_plan(self):
+        return self.plan
+
+    def admit(self, prefetch, victim):
+        return True
+
+
+def test_misses_pause_prefetching_and_go_first():
+    plan = [Prefetch((3, e), priority=10 - e) for e in range(4)]
+    policy = FixedPlan(ctx(8), plan)
+    cache = make_cache(policy, 8, GatedLink)
+    link: GatedLink = cache.transfer
+    try:
+        time.sleep(0.05)  # the worker has taken the first prefetch (3,0) and waits at the gate
+        result = {}
+        t = threading.Thread(target=lambda: result.update(run_layer(cache, 0, [5, 6])))
+        t.start()
+        for _ in range(6):
+            link.gate.release()
+        t.join(timeout=5)
+        assert result == {5: 5.0, 6: 6.0}
+        # (3,0) was already on the link (non-preemptive); then both misses before any other prefetch
+        assert link.order[:3] == [300.0, 5.0, 6.0]
+        assert link.order[3:] == [301.0, 302.0, 303.0]
+        s = cache.snapshot_stats()
+        assert s.misses == 2 and s.prefetched == 4 and s.prefetch_used == 0
+    finally:
+        for _ in range(8):
+            link.gate.release()
+        cache.close()
+
+
+def test_prefetched_expert_counts_as_hit_and_used():
+    policy = FixedPlan(ctx(4), [Prefetch((1, 3), priority=1.0)])
+    cache = make_cache(policy, 4)
+    try:
+        deadline = time.time() + 5
+        while (1, 3) not in cache.resident_keys() and time.time() < deadline:
+            cache.poke()
+            time.sleep(0.01)
+        policy.plan = []
+        assert run_layer(cache, 1, [3]) == {3: 103.0}
+        s = cache.snapshot_stats()
+        assert (s.hits, s.misses, s.prefetched, s.prefetch_used) == (1, 0, 1, 1)
+        assert s.precision == 1.0
+    finally:
+        cache.close()
+
+
+def test_prefetch_without_admission_never_evicts():
+    policy = make_policy("on-demand", ctx(1))  # base admit(): free slots only
+    policy.prefetch_plan = lambda: [Prefetch((2, 2), 1.0)]
+    cache = make_cache(policy, 1)
+    try:
+        run_layer(cache, 0, [0])
+        cache.poke()
+        time.sleep(0.05)
+        assert cache.resident_keys() == {(0, 0)}
+    finally:
+        cache.close()
+
+
+def test_worker_failure_surfaces_on_the_compute_thread():
+    class Broken(TransferEngine):
+        def copy(self, slot, host, nbytes):
+            raise OSError("link down")
+
+    cache = make_cache(make_policy("on-demand", ctx(2)), 2, Broken)
+    try:
+        with pytest.raises(RuntimeError, match="link down"):
+            run_layer(cache, 0, [1])
+    finally:
+        cache.close()
