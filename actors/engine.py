@@ -86,7 +86,13 @@ def _load_tokenizer(folder: Path):
 
 
 class OffloadEngine:
-    def __init__(self, config: EngineConfig, trace: list | None = None, progress: bool = False):
+    def __init__(
+        self,
+        config: EngineConfig,
+        trace: list | None = None,
+        progress: bool = False,
+        extra_policy_options: dict | None = None,
+    ):
         from transformers import AutoConfig
 
         self.config = config
@@ -112,6 +118,12 @@ class OffloadEngine:
         self.host = HostExpertStore(
             self.adapter, CheckpointReader(folder), self.layers, self.num_experts, dtype, pin, progress
         )
+        mode = config.link.mode
+        if mode == "auto":
+            mode = "cuda" if self.device.type == "cuda" else "emulated"
+        self.layer_time_s: float | None = None
+        if mode == "emulated" and config.link.bandwidth_bytes_per_s is None:
+            self.layer_time_s = self._measure_layer_time()
         self._drop_fused_experts()
         self.model.to(self.device)
 
@@ -130,31 +142,32 @@ class OffloadEngine:
         self.num_slots = num_slots
         self.budget_bytes = budget_bytes
         options = {"trace": trace} if trace is not None else {}
+        options.update(extra_policy_options or {})
         self.policy = make_policy(
             config.policy,
             PolicyContext(len(self.layers), self.num_experts, self.top_k, num_slots, config.prefetch, options),
         )
         self.pool = SlotPool(num_slots, self.host.shapes, dtype, self.device)
-        mode = config.link.mode
-        if mode == "auto":
-            mode = "cuda" if self.device.type == "cuda" else "emulated"
         self.link_mode = mode
         first = make_transfer("cuda" if mode == "cuda" else "instant", self.pool, self.device, None)
         self.cache = ExpertCache(self.pool, first, self.policy, self.host.__getitem__, self.host.expert_bytes)
-        self.runner = ExpertRunner(self.adapter, self.cache, self.policy)
+        self.policy_s = 0.0  # time in policy callbacks on the compute thread (critical path)
+        self.iterations_s = 0.0
+        self.runner = ExpertRunner(self.adapter, self.cache, self._timed(self.policy.on_layer_start))
         self.runner.num_layers = len(self.layers)
         for layer in self.layers:
             layer.experts._expertmap_layer = layer.index
             layer.experts._expertmap_runner = self.runner
 
-        self.recorder = RoutingRecorder(self.adapter, self.layers, on_router=self.policy.on_router)
+        self.recorder = RoutingRecorder(
+            self.adapter, self.layers, on_router=self._timed(self.policy.on_router), on_embedding=self._embedding_ready
+        )
         self.recorder.attach_embedding(self.model.get_input_embeddings())
         self.iteration = -1
         self._iteration_ends: list[float] = []
         decoder = self.model.model
         decoder.register_forward_pre_hook(self._iteration_start)
         decoder.register_forward_hook(self._iteration_end)
-        self.layer_time_s: float | None = None
         self.bandwidth: float | None = None
         if mode == "emulated":
             self._calibrate_link()
@@ -173,6 +186,26 @@ class OffloadEngine:
             for name in self.adapter.expert_params:
                 setattr(layer.experts, name, nn.Parameter(torch.empty(0), requires_grad=False))
 
+    @torch.no_grad()
+    def _measure_layer_time(self) -> float:
+        """One decoder layer's decode time on this device: the plain model (all experts, eager
+        loop), median decode step / number of decoder layers. Runs before the experts are dropped."""
+        self.model.set_experts_implementation("eager")
+        self.model.to(self.device)
+        ids = torch.tensor([self._calibration_ids()], device=self.device)
+
+        def run(new_tokens: int) -> float:
+            t0 = time.perf_counter()
+            self._generate_ids(ids, new_tokens, do_sample=False, seed=0)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter() - t0
+
+        run(4)  # warm-up
+        estimates = sorted((run(13) - run(1)) / 12 for _ in range(3))  # decode steps only
+        self.model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        return max(estimates[1], 1e-6) / self.model.config.num_hidden_layers
+
     def _calibrate_link(self) -> None:
         """Measure one decoder layer's decode time, then set the emulated link's bandwidth."""
         link = self.config.link
@@ -180,16 +213,6 @@ class OffloadEngine:
         if bandwidth is None:
             if link.copy_layer_ratio is None:
                 raise ValueError("emulated link needs copy_layer_ratio or bandwidth_bytes_per_s")
-            ids = torch.tensor([self._calibration_ids()])
-            times = []
-            for _ in range(2):  # the second pass is the measurement
-                self._iteration_ends = []
-                self._generate_ids(ids.to(self.device), 12, do_sample=False, seed=0)
-                ends = self._iteration_ends
-                times = [b - a for a, b in zip(ends[1:], ends[2:])]
-            times.sort()
-            decode_s = times[len(times) // 2]
-            self.layer_time_s = decode_s / self.model.config.num_hidden_layers
             bandwidth = self.host.expert_bytes / (link.copy_layer_ratio * self.layer_time_s)
         self.bandwidth = bandwidth
         self.cache.transfer = EmulatedLink(self.pool, bandwidth)
@@ -213,17 +236,42 @@ class OffloadEngine:
         self.runner.trace = []
         self.recorder.records = []
         self.iteration = -1
+        self.policy_s = 0.0
+        self.iterations_s = 0.0
 
     # --- iteration hooks ------------------------------------------------------------------------
+    def _timed(self, fn):
+        def timed(*args):
+            t0 = time.perf_counter()
+            fn(*args)
+            self.policy_s += time.perf_counter() - t0
+
+        return timed
+
+    @property
+    def overhead_frac(self) -> float:
+        """The predictor's critical-path cost as a fraction of iteration time."""
+        return self.policy_s / self.iterations_s if self.iterations_s else 0.0
+
     def _iteration_start(self, module, args, kwargs=None):
+        self._iteration_t0 = time.perf_counter()
         self.iteration += 1
         self.runner.start_iteration()
-        self.policy.on_iteration_start(self.iteration, None)
+
+    def _embedding_ready(self, embedding: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.policy.on_iteration_start(self.iteration, embedding)
+        self.cache.poke()
+        self.policy_s += time.perf_counter() - t0
 
     def _iteration_end(self, module, args, output):
         self.recorder.finish_iteration(self.iteration)
+        t0 = time.perf_counter()
         self.policy.on_iteration_end(self.iteration)
-        self._iteration_ends.append(time.perf_counter())
+        end = time.perf_counter()
+        self.policy_s += end - t0
+        self.iterations_s += end - self._iteration_t0
+        self._iteration_ends.append(end)
 
     # --- generation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -257,6 +305,7 @@ class OffloadEngine:
         if not ids:
             raise ValueError("prompt is empty")
         ids_t = torch.tensor([ids], device=self.device)
+        self.policy.on_request_start()
         before = self.cache.snapshot_stats()
         self._iteration_ends = []
         t0 = time.perf_counter()
@@ -290,3 +339,4 @@ class OffloadEngine:
 
     def close(self) -> None:
         self.cache.close()
+        self.policy.close()

@@ -10,6 +10,8 @@ Rules of the link (one worker thread, one copy at a time, non-preemptive):
   current plan (highest priority first) at that moment, so a plan that changed never leaves
   stale copies queued: there is no prefetch queue to go stale. A prefetch must find a free slot,
   or a victim the policy admits (``Policy.admit``).
+- A prefetch already on the link pauses at its next chunk boundary while the waiting misses are
+  copied, then resumes (the link is preemptible at chunk granularity, as chunked DMA is).
 - A miss on an expert whose prefetch is already on the link waits for that copy (a miss, with
   its wait counted as stall time); nothing is copied twice.
 
@@ -156,6 +158,7 @@ class ExpertCache:
     def preload(self, keys: list[Key]) -> None:
         """Fill slots synchronously before a run (no statistics): the `resident` policy's set-up."""
         with self._cv:
+            keys = [k for k in keys if k not in self._slot_of]
             if len(keys) > len(self._free):
                 raise CacheBudgetError(f"cannot preload {len(keys)} experts into {len(self._free)} free slots")
             for key in keys:
@@ -203,7 +206,7 @@ class ExpertCache:
         """Under the lock: (key, slot, is_prefetch) to copy now, or None to wait."""
         if self._demand:
             key = self._demand[0]
-            slot = self._take_slot(None)
+            slot = self._take_slot(key, None)
             if slot is None:
                 return None  # every slot is pinned by the computing layer: wait for a release
             self._demand.popleft()
@@ -213,14 +216,14 @@ class ExpertCache:
         for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
             if self.contains(want.key):
                 continue
-            slot = self._take_slot(want)
+            slot = self._take_slot(want.key, want)
             if slot is not None:
                 self._loading[want.key] = True
                 return want.key, slot, True
             break  # the best wanted expert cannot come in now; do not let worse ones jump it
         return None
 
-    def _take_slot(self, prefetch: Prefetch | None) -> int | None:
+    def _take_slot(self, key: Key, prefetch: Prefetch | None) -> int | None:
         if self._free:
             if prefetch is not None and not self.policy.admit(prefetch, None):
                 return None
@@ -228,13 +231,45 @@ class ExpertCache:
         candidates = self._victims()
         if not candidates:
             return None
-        victim = self.policy.choose_victim(candidates)
+        victim = self.policy.choose_victim(candidates, key)
         if prefetch is not None and not self.policy.admit(prefetch, victim):
             return None
         slot = self._slot_of.pop(victim)
         self._unused_prefetch.discard(victim)
         self.policy.on_evict(victim)
         return slot
+
+    def _execute(self, key: Key, slot: int, is_prefetch: bool) -> None:
+        """Copy one expert (a prefetch pauses between chunks for waiting misses), then land it."""
+        pause = self._serve_demands if is_prefetch else None
+        self.transfer.copy(slot, self.host_weights(key), self.expert_bytes, between_chunks=pause)
+        with self._cv:
+            self._loading.pop(key, None)
+            self._slot_of[key] = slot
+            self.stats.copies += 1
+            self.stats.bytes_moved += self.expert_bytes
+            if is_prefetch:
+                self.stats.prefetched += 1
+                if key in self._late_prefetch:  # right prediction, too late to be a hit
+                    self._late_prefetch.discard(key)
+                    self.stats.prefetch_used += 1
+                else:
+                    self._unused_prefetch.add(key)
+            self.policy.on_insert(key, prefetched=is_prefetch)
+            self._cv.notify_all()
+
+    def _serve_demands(self) -> None:
+        """Pause on miss: between a prefetch's chunks, copy every waiting on-demand load first."""
+        while True:
+            with self._cv:
+                if not self._demand or self._stop:
+                    return
+                key = self._demand[0]
+                slot = self._take_slot(key, None)
+                if slot is None:
+                    return
+                self._demand.popleft()
+            self._execute(key, slot, False)
 
     def _run(self) -> None:
         try:
@@ -249,22 +284,7 @@ class ExpertCache:
                         self._cv.wait_for(lambda: self._wake or self._stop, timeout=0.5)
                     if self._stop:
                         return
-                key, slot, is_prefetch = job
-                self.transfer.copy(slot, self.host_weights(key), self.expert_bytes)
-                with self._cv:
-                    self._loading.pop(key, None)
-                    self._slot_of[key] = slot
-                    self.stats.copies += 1
-                    self.stats.bytes_moved += self.expert_bytes
-                    if is_prefetch:
-                        self.stats.prefetched += 1
-                        if key in self._late_prefetch:  # right prediction, too late to be a hit
-                            self._late_prefetch.discard(key)
-                            self.stats.prefetch_used += 1
-                        else:
-                            self._unused_prefetch.add(key)
-                    self.policy.on_insert(key, prefetched=is_prefetch)
-                    self._cv.notify_all()
+                self._execute(*job)
         except BaseException as exc:  # surfaced to the compute thread by _check_worker
             logger.exception("expert transfer worker failed")
             with self._cv:

@@ -22,7 +22,6 @@ from torch import nn
 
 from actors.adapters import ArchitectureAdapter
 from actors.expert_cache import ExpertCache
-from predictor.policies.base import Policy
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +49,10 @@ def register_experts_implementation() -> None:
 class ExpertRunner:
     """Runs one MoE layer's routed experts from the cache; records the accesses of the run."""
 
-    def __init__(self, adapter: ArchitectureAdapter, cache: ExpertCache, policy: Policy):
+    def __init__(self, adapter: ArchitectureAdapter, cache: ExpertCache, on_layer_start):
         self.adapter = adapter
         self.cache = cache
-        self.policy = policy
+        self.on_layer_start = on_layer_start  # the policy's callback (timed by the engine)
         self.trace: list[list[list[int]]] = []  # [iteration][layer] -> experts (for the oracle)
         self.num_layers = 0
 
@@ -73,7 +72,7 @@ class ExpertRunner:
         selected = [e for e in selected if 0 <= e < experts.num_experts]  # drop EP sentinels
         if self.trace:
             self.trace[-1][layer] = selected
-        self.policy.on_layer_start(layer, selected)
+        self.on_layer_start(layer, selected)
         self.cache.poke()
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e, w in self.cache.acquire(layer, selected):

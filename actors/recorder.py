@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from actors.adapters import ArchitectureAdapter, MoELayer
+from predictor.policies.base import RouterEvent
 
 
 @dataclass
@@ -27,10 +28,12 @@ class IterationRecord:
 
 
 class RoutingRecorder:
-    def __init__(self, adapter: ArchitectureAdapter, layers: list[MoELayer], on_router=None):
+    def __init__(self, adapter: ArchitectureAdapter, layers: list[MoELayer], on_router=None, on_embedding=None):
         self.adapter = adapter
         self.num_layers = len(layers)
-        self.on_router = on_router  # callback(layer, probs [T, J]) for predictors
+        self.on_router = on_router  # callback(RouterEvent) for predictors
+        self.on_embedding = on_embedding  # callback(embedding [B, D]) at the start of an iteration
+        self._routers = [layer.router for layer in layers]
         self.records: list[IterationRecord] = []
         self.keep = True  # keep records in memory (False: only the latest)
         self._shape: tuple[int, int] | None = None
@@ -46,17 +49,26 @@ class RoutingRecorder:
         self._shape = (output.shape[0], output.shape[1])
         self.last_embedding = output.detach().float().mean(dim=1)  # [B, D]
         self._embedding = self.last_embedding
+        if self.on_embedding is not None:
+            self.on_embedding(self._embedding)
 
     def _router_hook(self, index: int):
         def hook(module, args, output):
             probs = self.adapter.router_probs(output).detach()  # [T, J]
             if self.on_router is not None:
-                self.on_router(index, probs)
+                self.on_router(RouterEvent(index, probs, self._next_gate(index, args[0])))
             if self._shape is not None:
                 b, s = self._shape
                 self._probs[index] = probs.view(b, s, -1).mean(dim=1)  # [B, J]
 
         return hook
+
+    def _next_gate(self, index: int, router_input: torch.Tensor):
+        """Deferred: the next MoE layer's router applied to this layer's router input (no hooks fire)."""
+        if index + 1 >= self.num_layers:
+            return None
+        nxt = self._routers[index + 1]
+        return lambda: self.adapter.router_probs(nxt.forward(router_input.detach())).detach()
 
     def finish_iteration(self, iteration: int) -> IterationRecord | None:
         if self._shape is None or any(p is None for p in self._probs):

@@ -29,8 +29,11 @@ class TransferEngine(ABC):
         self.pool = pool
         self.busy_s = 0.0  # time the link was occupied
 
+    #: a copy is made in this many chunks; between chunks ``between_chunks`` runs (pause on miss)
+    chunks = 8
+
     @abstractmethod
-    def copy(self, slot: int, host: dict[str, torch.Tensor], nbytes: int) -> None:
+    def copy(self, slot: int, host: dict[str, torch.Tensor], nbytes: int, between_chunks=None) -> None:
         """Copy one expert into ``slot``; return when it is resident."""
 
     def slot_released(self, slot: int) -> None:
@@ -38,7 +41,7 @@ class TransferEngine(ABC):
 
 
 class InstantLink(TransferEngine):
-    def copy(self, slot, host, nbytes):
+    def copy(self, slot, host, nbytes, between_chunks=None):
         t0 = time.perf_counter()
         self.pool.write(slot, host)
         self.busy_s += time.perf_counter() - t0
@@ -51,12 +54,18 @@ class EmulatedLink(TransferEngine):
             raise ValueError(f"link bandwidth {bandwidth_bytes_per_s!r} B/s must be positive")
         self.bandwidth = bandwidth_bytes_per_s
 
-    def copy(self, slot, host, nbytes):
+    def copy(self, slot, host, nbytes, between_chunks=None):
         t0 = time.perf_counter()
-        self.pool.write(slot, host)
-        remaining = nbytes / self.bandwidth - (time.perf_counter() - t0)
-        if remaining > 0:
-            time.sleep(remaining)
+        self.pool.write(slot, host)  # the bytes; the link is then held chunk by chunk
+        chunk_s = nbytes / self.bandwidth / self.chunks
+        for i in range(self.chunks):
+            remaining = (i + 1) * chunk_s - (time.perf_counter() - t0)
+            if remaining > 0:
+                time.sleep(remaining)
+            if between_chunks is not None and i + 1 < self.chunks:
+                paused = time.perf_counter()
+                between_chunks()
+                t0 += time.perf_counter() - paused  # paused time is not this copy's
         self.busy_s += time.perf_counter() - t0
 
 
@@ -75,16 +84,24 @@ class CudaTransfer(TransferEngine):
         ev.record(torch.cuda.current_stream(self.device))
         self._slot_free[slot] = ev
 
-    def copy(self, slot, host, nbytes):
+    def copy(self, slot, host, nbytes, between_chunks=None):
         t0 = time.perf_counter()
-        done = torch.cuda.Event()
+        dst = self.pool.view(slot)
         with torch.cuda.stream(self.stream):
             free = self._slot_free.pop(slot, None)
             if free is not None:
                 self.stream.wait_event(free)
-            self.pool.write(slot, host, non_blocking=True)
-            done.record(self.stream)
-        done.synchronize()  # on the transfer worker thread only
+        parts = {n: (dst[n].chunk(self.chunks), host[n].chunk(self.chunks)) for n in dst}
+        for i in range(self.chunks):
+            done = torch.cuda.Event()
+            with torch.cuda.stream(self.stream):
+                for d_chunks, h_chunks in parts.values():
+                    if i < len(d_chunks):
+                        d_chunks[i].copy_(h_chunks[i], non_blocking=True)
+                done.record(self.stream)
+            done.synchronize()  # on the transfer worker thread only
+            if between_chunks is not None and i + 1 < self.chunks:
+                between_chunks()
         self.busy_s += time.perf_counter() - t0
 
 

@@ -104,6 +104,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workload(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"workload file {path!r} does not exist")
+    return p
+
+
+def _positive(name: str, value: int) -> int:
+    if value < 1:
+        raise UsageError(f"{name} {value} must be at least 1")
+    return value
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Run prompts and fill the expert-map store (an .npz file, or Redis with --redis-url)."""
+    from bench.routing_trace import TraceRecorder, load_workload
+
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        raise UsageError(f"model folder {str(model)!r} does not exist or has no config.json")
+    records = load_workload(_workload(args.workload))[: _positive("--limit", args.limit)]
+    recorder = TraceRecorder(model, args.device)
+    engine = recorder.engine
+    dim = engine.model.get_input_embeddings().weight.shape[1]
+    shape = dict(num_layers=len(engine.layers), num_experts=engine.num_experts, embed_dim=dim,
+                 capacity=args.capacity, prefetch_distance=args.prefetch_distance)  # fmt: skip
+    if args.redis_url:
+        from predictor.map_store_redis import RedisMapStore
+
+        store = RedisMapStore(args.redis_url, namespace=args.namespace, **shape)
+    else:
+        from predictor.map_store_memory import InMemoryMapStore
+
+        store = InMemoryMapStore(**shape)
+        if Path(args.store).exists():
+            store.load(args.store)
+    traces = recorder.record_all(records, args.max_new_tokens, do_sample=not args.greedy, seed=args.seed)
+    recorder.close()
+    maps = 0
+    for req in traces:
+        for it in req.iterations:
+            store.add(it.embedding, it.expert_map())
+            maps += 1
+    where = args.redis_url or str(store.save(args.store))
+    print(f"recorded {maps} expert maps from {len(traces)} prompts; store holds {len(store)} (capacity {store.capacity}) at {where}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.run import BenchConfig, run
+
+    if args.gpus != 1:
+        raise UsageError("--gpus other than 1 needs the Ray pipeline, which is not built yet")
+    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    from predictor.policies import POLICIES
+
+    for p in policies:
+        if p not in POLICIES:
+            raise UsageError(f"unknown policy {p!r}; choose from {', '.join(sorted(POLICIES))}")
+    try:
+        Budget.parse(args.budget)
+        _link_config(args.link)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    cfg = BenchConfig(
+        workload=_workload(args.workload), warm=_workload(args.warm) if args.warm else None, out=Path(args.out),
+        model=Path(args.model), limit=_positive("--limit", args.limit), warm_limit=_positive("--warm-limit", args.warm_limit),
+        policies=policies, budget=args.budget, link=args.link, max_new_tokens=_positive("--max-new-tokens", args.max_new_tokens),
+        greedy=args.greedy, seed=args.seed, engine_prompts=args.engine_prompts, prefetch_distance=args.prefetch_distance,
+        device=args.device,
+    )  # fmt: skip
+    run(cfg)
+    print(f"wrote {cfg.out}/results.json, results.md, outputs.jsonl and plots")
+    print((cfg.out / "results.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bench.link_profiles import DEFAULT_PROFILE
 
@@ -123,6 +200,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-prefetch", action="store_true", help="the policy's eviction rule alone")
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("record", help="run prompts and fill the expert-map store")
+    r.add_argument("--workload", required=True, help="JSONL file of {id, category, turns}")
+    r.add_argument("--limit", type=int, default=200)
+    r.add_argument("--model", default=str(BUNDLED_MODEL))
+    r.add_argument("--store", default="expert_maps.npz", help="in-process store file (default ./expert_maps.npz)")
+    r.add_argument("--redis-url", default=None, help="redis://127.0.0.1:6379/0 to use a Redis store instead")
+    r.add_argument("--namespace", default="expertmap")
+    r.add_argument("--capacity", type=int, default=1000, help="maps kept (1..4096)")
+    r.add_argument("--prefetch-distance", type=int, default=3)
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--greedy", action="store_true")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=cmd_record)
+
+    b = sub.add_parser("bench", help="run every chosen policy on the same prompts; write results and plots")
+    b.add_argument("--workload", required=True)
+    b.add_argument("--warm", default=None, help="warm the store from this file (default: 70%% of --workload)")
+    b.add_argument("--limit", type=int, default=200, help="evaluation prompts")
+    b.add_argument("--warm-limit", type=int, default=400, help="warm-up prompts")
+    b.add_argument("--policies", default="resident,on-demand,lfu,oracle,finemoe,fate,moe-infinity,mixtral-offloading,hybrid")
+    b.add_argument("--budget", default="0.25")
+    b.add_argument("--link", default=DEFAULT_PROFILE)
+    b.add_argument("--gpus", type=int, default=1)
+    b.add_argument("--out", default="bench/results/latest")
+    b.add_argument("--model", default=str(BUNDLED_MODEL))
+    b.add_argument("--max-new-tokens", type=int, default=32)
+    b.add_argument("--greedy", action="store_true", help="greedy decoding (default: seeded sampling)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--engine-prompts", type=int, default=8, help="prompts also run on the real-time engine")
+    b.add_argument("--prefetch-distance", type=int, default=3)
+    b.add_argument("--device", default="cpu")
+    b.set_defaults(func=cmd_bench)
     return ap
 
 

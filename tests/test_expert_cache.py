@@ -104,17 +104,19 @@ def test_layer_needing_more_experts_than_slots_streams_through_them():
 
 
 class GatedLink(TransferEngine):
-    """A link whose copies wait for the test to open a gate; records the order of copies."""
+    """Copies wait for the test to open a gate, pause once mid-copy, and record completion order."""
 
     def __init__(self, pool):
         super().__init__(pool)
         self.order: list[int] = []
         self.gate = threading.Semaphore(0)
 
-    def copy(self, slot, host, nbytes):
+    def copy(self, slot, host, nbytes, between_chunks=None):
         self.gate.acquire()
-        self.order.append(int(host["w"][0, 0].item()))
+        if between_chunks is not None:
+            between_chunks()  # the chunk boundary where a prefetch yields to waiting misses
         self.pool.write(slot, host)
+        self.order.append(int(host["w"][0, 0].item()))
 
 
 class FixedPlan(Policy):
@@ -145,8 +147,8 @@ def test_misses_pause_prefetching_and_go_first():
             link.gate.release()
         t.join(timeout=5)
         assert result == {5: 5.0, 6: 6.0}
-        # (3,0) was already on the link (non-preemptive); then both misses before any other prefetch
-        assert link.order[:3] == [300.0, 5.0, 6.0]
+        # (3,0) was already on the link: it paused at a chunk boundary for both misses, then finished
+        assert link.order[:3] == [5.0, 6.0, 300.0]
         assert link.order[3:] == [301.0, 302.0, 303.0]
         s = cache.snapshot_stats()
         assert s.misses == 2 and s.prefetched == 4 and s.prefetch_used == 0
@@ -188,7 +190,7 @@ def test_prefetch_without_admission_never_evicts():
 
 def test_worker_failure_surfaces_on_the_compute_thread():
     class Broken(TransferEngine):
-        def copy(self, slot, host, nbytes):
+        def copy(self, slot, host, nbytes, between_chunks=None):
             raise OSError("link down")
 
     cache = make_cache(make_policy("on-demand", ctx(2)), 2, Broken)

@@ -98,3 +98,36 @@ def test_default_experts_implementation_gives_same_greedy_tokens(bundled_model):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     tokens, _ = offloaded_tokens(bundled_model.folder, "on-demand", 0.25, prompt_ids)
     assert tokens == out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def warm_factory(bundled_model):
+    """A map store and activation matrices warmed from a few prompts, as `expertmap bench` does."""
+    from bench.routing_trace import TraceRecorder
+    from bench.run import PolicyFactory, build_store, request_eams
+
+    recorder = TraceRecorder(bundled_model.folder)
+    prompts = [{"id": str(i), "category": "", "prompt": p} for i, p in enumerate(
+        ["import os\nimport sys\n", "The king said to the queen", "Question: what is 7 times 8?"])]  # fmt: skip
+    traces = recorder.record_all(prompts, 8, do_sample=False, seed=0)
+    L, J, k = len(recorder.engine.layers), recorder.engine.num_experts, recorder.engine.top_k
+    recorder.close()
+    return PolicyFactory(build_store(traces, L, J, 1000, 2), request_eams(traces, L, J), (L, J, k), 2)
+
+
+@pytest.mark.parametrize("policy", ["finemoe", "fate", "moe-infinity", "mixtral-offloading", "hybrid"])
+def test_predictive_policies_lossless_on_the_real_engine(bundled_model, warm_factory, policy):
+    prompt_ids = bundled_model.tokenizer("def parse(line):\n    return").input_ids
+    expected = reference_tokens(bundled_model.folder, prompt_ids, do_sample=True, seed=3)
+    link = LinkConfig(mode="emulated", copy_layer_ratio=2.0)
+    for budget in (0.25, bundled_model.smallest_budget):
+        engine = OffloadEngine(
+            EngineConfig(model=bundled_model.folder, policy=policy, budget=budget, link=link),
+            extra_policy_options=warm_factory.options(policy, None, synchronous=False),
+        )
+        try:
+            g = engine.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=True, seed=3)
+            assert g.token_ids == expected, f"{policy} budget {budget}"
+            assert g.stats.accesses > 0
+        finally:
+            engine.close()

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from predictor.policies.base import Key, Policy, PolicyContext, Position, Prefetch
+from predictor.policies.fate import Fate
+from predictor.policies.finemoe import FineMoE
+from predictor.policies.hybrid import Hybrid
 from predictor.policies.lfu import LFU
+from predictor.policies.mixtral_offloading import MixtralOffloading
+from predictor.policies.moe_infinity import MoEInfinity
 from predictor.policies.on_demand import OnDemandLRU
 from predictor.policies.oracle import AccessTrace, Oracle
 from predictor.policies.resident import Resident
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (Resident, OnDemandLRU, LFU, Oracle)}
+POLICIES: dict[str, type[Policy]] = {
+    p.name: p for p in (Resident, OnDemandLRU, LFU, Oracle, FineMoE, Fate, MoEInfinity, MixtralOffloading, Hybrid)
+}
 POLICIES["lru"] = OnDemandLRU
 
 

@@ -21,6 +21,29 @@ import torch
 Key = tuple[int, int]  # (MoE layer index, expert index)
 
 
+class RouterEvent:
+    """What a policy learns when a layer's router has run (before that layer's experts compute).
+
+    ``probs``: [T, J] router distribution of this iteration's tokens (a device tensor in the engine;
+    convert off the critical path). ``next_gate()``: [T, J] distribution that the *next* MoE layer's
+    router gives when applied to this layer's router input (Fate's cross-layer gate), or None for
+    the last layer. Computed only when called.
+    """
+
+    __slots__ = ("layer", "probs", "_next_gate", "_next_value")
+
+    def __init__(self, layer: int, probs: torch.Tensor, next_gate=None):
+        self.layer = layer
+        self.probs = probs
+        self._next_gate = next_gate  # callable -> tensor, a tensor, or None
+        self._next_value = None
+
+    def next_gate(self) -> torch.Tensor | None:
+        if self._next_value is None and self._next_gate is not None:
+            self._next_value = self._next_gate() if callable(self._next_gate) else self._next_gate
+        return self._next_value
+
+
 @dataclass(frozen=True)
 class PolicyContext:
     num_layers: int  # MoE layers L
@@ -66,16 +89,23 @@ class Policy:
 
     # --- run callbacks (compute thread) ------------------------------------------------------
     def on_iteration_start(self, iteration: int, embedding: torch.Tensor | None) -> None:
+        """A new iteration; ``embedding`` is its semantic embedding [B, D] (token-embedding output, pooled)."""
         self.pos = Position(iteration, -1)
 
-    def on_router(self, layer: int, probs: torch.Tensor) -> None:
-        """Router distribution of ``layer`` for this iteration's tokens, [T, J] on the device."""
+    def on_router(self, event: RouterEvent) -> None:
+        """A layer's router ran; see ``RouterEvent``. Must return quickly (compute thread)."""
 
     def on_layer_start(self, layer: int, experts: list[int]) -> None:
         self.pos.layer = layer
 
     def on_iteration_end(self, iteration: int) -> None:
         pass
+
+    def on_request_start(self) -> None:
+        """A new request (prompt) begins; its prefill is the next iteration."""
+
+    def close(self) -> None:
+        """Stop background work."""
 
     # --- cache callbacks (under the cache lock) ----------------------------------------------
     def on_access(self, key: Key, hit: bool) -> None:
@@ -89,8 +119,8 @@ class Policy:
     def on_evict(self, key: Key) -> None:
         self._recency.pop(key, None)
 
-    def choose_victim(self, candidates: list[Key]) -> Key:
-        """Least recently used."""
+    def choose_victim(self, candidates: list[Key], incoming: Key | None = None) -> Key:
+        """Which of ``candidates`` (resident, not in use) to evict for ``incoming``. Default: LRU."""
         return min(candidates, key=lambda k: self._recency.get(k, 0))
 
     def prefetch_plan(self) -> list[Prefetch]:

@@ -24,5 +24,5 @@ class LFU(Policy):
         super().on_access(key, hit)
         self.freq[key] += 1
 
-    def choose_victim(self, candidates):
+    def choose_victim(self, candidates, incoming=None):
         return min(candidates, key=lambda k: (self.freq[k], self._recency.get(k, 0)))

@@ -49,7 +49,7 @@ class Oracle(Policy):
         i = bisect.bisect_right(uses, now)
         return uses[i] if i < len(uses) else math.inf
 
-    def choose_victim(self, candidates):
+    def choose_victim(self, candidates, incoming=None):
         return max(candidates, key=self.next_use)
 
     def prefetch_plan(self):

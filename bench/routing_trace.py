@@ -1,0 +1,112 @@
+"""Record what the model routes, once per prompt, for trace-driven replay of many policies.
+
+A ``RequestTrace`` holds, per iteration: the semantic embedding, every MoE layer's router
+distribution over the iteration's tokens, the cross-layer gate's distribution for the next layer
+(next router applied to this layer's router input), and the experts each layer selected. It is
+recorded with the real engine (`resident`, instant link): lossless execution means every policy
+routes exactly the same way, so replaying this trace gives each policy the inputs it would see.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from actors.config import EngineConfig, LinkConfig
+from actors.engine import OffloadEngine
+from predictor.policies.base import RouterEvent
+
+
+@dataclass
+class IterationTrace:
+    embedding: np.ndarray  # [D]
+    probs: list[np.ndarray] = field(default_factory=list)  # per layer [T, J]
+    next_gate: list[np.ndarray | None] = field(default_factory=list)  # per layer [T, J]
+    selected: list[list[int]] = field(default_factory=list)  # per layer
+
+    @property
+    def num_tokens(self) -> int:
+        return self.probs[0].shape[0]
+
+    def expert_map(self) -> np.ndarray:
+        return np.stack([p.mean(axis=0) for p in self.probs])  # [L, J]
+
+
+@dataclass
+class RequestTrace:
+    id: str
+    category: str
+    prompt: str
+    text: str
+    iterations: list[IterationTrace]
+
+
+def load_workload(path: Path) -> list[dict]:
+    records = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            prompt = rec["turns"][0]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"{path}:{n}: not a workload record with turns[0] ({exc})") from None
+        records.append({"id": str(rec.get("id", n)), "category": rec.get("category", ""), "prompt": prompt})
+    if not records:
+        raise ValueError(f"workload {path} holds no records")
+    return records
+
+
+def split(records: list[dict], warm_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic disjoint warm/eval split (FineMoE used 7:3)."""
+    order = np.random.default_rng(seed).permutation(len(records))
+    cut = int(round(warm_fraction * len(records)))
+    return [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
+
+
+class TraceRecorder:
+    """Runs prompts on a `resident` engine and keeps each iteration's routing."""
+
+    def __init__(self, model: Path, device: str = "cpu", max_prompt_tokens: int = 256):
+        self.engine = OffloadEngine(
+            EngineConfig(model=model, device=device, policy="resident", link=LinkConfig(mode="instant"))
+        )
+        self.max_prompt_tokens = max_prompt_tokens
+        self._current: list[IterationTrace] = []
+        rec = self.engine.recorder
+        forward_router, forward_embedding = rec.on_router, rec.on_embedding
+        rec.keep = False
+
+        def on_embedding(embedding: torch.Tensor) -> None:
+            self._current.append(IterationTrace(embedding.float().mean(dim=0).cpu().numpy()))
+            forward_embedding(embedding)
+
+        def on_router(event: RouterEvent) -> None:
+            it = self._current[-1]
+            it.probs.append(event.probs.float().cpu().numpy())
+            gate = event.next_gate()
+            it.next_gate.append(None if gate is None else gate.float().cpu().numpy())
+            forward_router(event)
+
+        rec.on_router, rec.on_embedding = on_router, on_embedding
+
+    def record(self, rec: dict, max_new_tokens: int, do_sample: bool, seed: int) -> RequestTrace:
+        tok = self.engine.tokenizer
+        ids = tok(rec["prompt"]).input_ids[: self.max_prompt_tokens] or [tok.bos_token_id]
+        self._current = []
+        self.engine.reset()
+        g = self.engine.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed)
+        for it, selected in zip(self._current, self.engine.trace):
+            it.selected = selected
+        return RequestTrace(rec["id"], rec["category"], rec["prompt"], g.text, self._current)
+
+    def record_all(self, records, max_new_tokens, do_sample, seed, desc="recording") -> list[RequestTrace]:
+        return [self.record(r, max_new_tokens, do_sample, seed) for r in tqdm(records, desc=desc, unit="prompt")]
+
+    def close(self) -> None:
+        self.engine.close()

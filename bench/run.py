@@ -1,0 +1,280 @@
+"""`expertmap bench`: every policy on the same prompts, same routing, same budget and link.
+
+Protocol (DESIGN.md section 5): the map store is warmed from one sample of the workload, the
+policies run on a disjoint sample, with the same prompts and seeds. Two measurements:
+
+1. Trace-driven replay (``bench/simulator.py``) over all evaluation prompts: hit rate, precision,
+   recall, stall, bytes moved and per-token time for every policy, every budget of the sweep and
+   every prefetch distance of the sweep, in decode-layer units converted to seconds with the
+   layer time measured on this machine.
+2. The real engine (threads, emulated link in real time) on the first ``engine_prompts`` prompts:
+   each policy's generated text (``outputs.jsonl``; must equal `resident`'s), its measured TTFT,
+   TPOT and the predictor's critical-path cost. This also validates the replay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from actors.config import Budget, EngineConfig, LinkConfig
+from actors.engine import OffloadEngine
+from bench.link_profiles import get_profile
+from bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
+from bench.simulator import access_trace, replay, summarize_units
+from predictor.map_store_memory import InMemoryMapStore
+from predictor.policies import POLICIES, PolicyContext, make_policy
+from predictor.replica import StoreReplica
+
+logger = logging.getLogger(__name__)
+
+PREDICTIVE = ("finemoe", "fate", "moe-infinity", "mixtral-offloading", "hybrid")
+DEFAULT_POLICIES = ("resident", "on-demand", "lfu", "oracle", *PREDICTIVE)
+
+
+@dataclass
+class BenchConfig:
+    workload: Path
+    out: Path
+    model: Path
+    warm: Path | None = None
+    limit: int = 200
+    warm_limit: int = 400
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    budget: str = "0.25"
+    budgets: tuple[float, ...] = (0.125, 0.25, 0.5)
+    distances: tuple[int, ...] = (1, 2, 3, 4, 6)
+    prefetch_distance: int = 3
+    link: str = "rtx3090-pcie4-mixtral"
+    max_new_tokens: int = 32
+    greedy: bool = False
+    seed: int = 0
+    store_capacity: int = 1000
+    engine_prompts: int = 8
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+
+def build_store(traces: list[RequestTrace], num_layers: int, num_experts: int, capacity: int, distance: int):
+    dim = traces[0].iterations[0].embedding.shape[0]
+    store = InMemoryMapStore(num_layers, num_experts, dim, capacity, prefetch_distance=distance)
+    for req in traces:
+        for it in req.iterations:
+            store.add(it.embedding, it.expert_map())
+    return store
+
+
+def clone_store(store: InMemoryMapStore) -> InMemoryMapStore:
+    """An independent copy (map policies publish into their store while they run)."""
+    twin = InMemoryMapStore(store.num_layers, store.num_experts, store.embed_dim, store.capacity,
+                            prefetch_distance=store.prefetch_distance)  # fmt: skip
+    for embedding, expert_map in zip(*store.arrays()):  # fewer than capacity: no replacement happens
+        twin.add(embedding, expert_map)
+    return twin
+
+
+def request_eams(traces: list[RequestTrace], num_layers: int, num_experts: int) -> np.ndarray:
+    eams = np.zeros((len(traces), num_layers, num_experts), np.float32)
+    for i, req in enumerate(traces):
+        for it in req.iterations:
+            for layer, experts in enumerate(it.selected):
+                eams[i, layer, experts] += 1
+    return eams
+
+
+class PolicyFactory:
+    """Builds each policy with what it needs: the oracle its trace, map policies a store replica."""
+
+    def __init__(self, store, eams, shape, distance):
+        self.store, self.eams, self.shape, self.distance = store, eams, shape, distance
+
+    def options(self, name: str, trace, synchronous: bool, distance: int | None = None) -> dict:
+        d = distance or self.distance
+        if name == "oracle":
+            return {"trace": trace}
+        if name in ("finemoe", "hybrid"):
+            return {"replica": StoreReplica(clone_store(self.store)), "prefetch_distance": d, "synchronous": synchronous}
+        if name == "moe-infinity":
+            return {"eams": self.eams.copy(), "prefetch_distance": d}
+        return {}
+
+    def make(self, name, slots, prefetch, trace, distance=None):
+        L, J, k = self.shape
+        ctx = PolicyContext(L, J, k, slots, prefetch, self.options(name, trace, True, distance))
+        return make_policy(name, ctx)
+
+
+def variants(policies) -> list[tuple[str, str, bool]]:
+    """(row label, policy, prefetch on) including each predictive policy's eviction-only ablation."""
+    out = []
+    for p in policies:
+        out.append((p, p, True))
+        if p in PREDICTIVE:
+            out.append((f"{p} (no prefetch)", p, False))
+    return out
+
+
+def replay_row(factory, name, prefetch, traces, slots, ratio, layer_s, expert_bytes, all_keys, distance=None):
+    t0 = time.perf_counter()
+    policy = factory.make(name, slots, prefetch, access_trace(traces), distance)
+    res = replay(policy, traces, slots, ratio, resident_keys=all_keys)
+    wall = time.perf_counter() - t0
+    s = res.stats
+    tpot = summarize_units(res.iteration_units)
+    ttft = summarize_units(res.prefill_units)
+    decode_tokens = len(res.iteration_units) + len(traces)
+    total_units = sum(res.iteration_units) + sum(res.prefill_units)
+    return {
+        "hit_rate": s.hit_rate,
+        "precision": s.precision,
+        "recall": s.recall,
+        "stall_s": s.stall_s * layer_s,
+        "bytes_moved": int(s.copies * expert_bytes),
+        "ttft_s": {"p50": ttft["p50"] * layer_s, "p99": ttft["p99"] * layer_s},
+        "tpot_s": {k: v * layer_s for k, v in tpot.items()},
+        "tokens_per_s": decode_tokens / (total_units * layer_s) if total_units else 0.0,
+        "overhead_frac": None,
+        "accesses": s.accesses,
+        "prefetched": s.prefetched,
+        "replay_wall_s": wall,
+    }
+
+
+def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory, link: LinkConfig, out_lines: list):
+    """Real engine, real-time emulated link: texts, TTFT/TPOT, critical-path overhead."""
+    results = {}
+    budget = Budget.parse(cfg.budget)
+    for label, name, prefetch in tqdm(rows, desc="engine runs", unit="policy"):
+        trace = None
+        if name == "oracle":
+            trace = [it.selected for req in prompts for it in req.iterations]
+        opts = factory.options(name, trace, synchronous=False)
+        engine = OffloadEngine(
+            EngineConfig(model=cfg.model, device=cfg.device, policy=name, budget=budget, link=link, prefetch=prefetch),
+            trace=trace,
+            extra_policy_options=opts,
+        )
+        ttfts, tpots, texts = [], [], []
+        for i, req in enumerate(prompts):
+            g = engine.generate(
+                engine.tokenizer(req.prompt).input_ids[:256] or [engine.tokenizer.bos_token_id],
+                max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, seed=cfg.seed + i,
+            )  # fmt: skip
+            ttfts.append(g.ttft_s)
+            tpots.extend(g.tpot_s)
+            texts.append(g.text)
+            out_lines.append({"id": req.id, "policy": label, "text": g.text})
+        s = engine.stats
+        engine.close()
+        results[label] = {
+            "hit_rate": s.hit_rate,
+            "precision": s.precision,
+            "recall": s.recall,
+            "stall_s": s.stall_s,
+            "bytes_moved": s.bytes_moved,
+            "ttft_s": {"p50": float(np.percentile(ttfts, 50)), "p99": float(np.percentile(ttfts, 99))},
+            "tpot_s": {
+                "mean": float(np.mean(tpots)),
+                "p50": float(np.percentile(tpots, 50)),
+                "p99": float(np.percentile(tpots, 99)),
+            },
+            "tokens_per_s": len(tpots) / max(1e-9, sum(tpots)),
+            "overhead_frac": engine.overhead_frac,
+            "accesses": s.accesses,
+            "texts_equal_resident": None,
+            "layer_time_s": engine.layer_time_s,
+        }
+        results[label]["_texts"] = texts
+    ref = results.get("resident", {}).get("_texts")
+    for r in results.values():
+        texts = r.pop("_texts")
+        r["texts_equal_resident"] = None if ref is None else texts == ref
+    return results
+
+
+def run(cfg: BenchConfig) -> dict:
+    from bench.report import write_report
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for p in cfg.policies:
+        if p not in POLICIES:
+            raise ValueError(f"unknown policy {p!r}; choose from {', '.join(sorted(POLICIES))}")
+    profile = get_profile(cfg.link)
+    records = load_workload(cfg.workload)
+    if cfg.warm is not None:
+        warm, evals = load_workload(cfg.warm), records
+    else:
+        warm, evals = split(records, 0.7, cfg.seed)
+    warm, evals = warm[: cfg.warm_limit], evals[: cfg.limit]
+    logger.info("warm %d prompts, evaluate %d prompts", len(warm), len(evals))
+
+    recorder = TraceRecorder(cfg.model, cfg.device)
+    engine = recorder.engine
+    L, J, k = len(engine.layers), engine.num_experts, engine.top_k
+    total_experts = len(engine.host)
+    expert_bytes = engine.host.expert_bytes
+    all_keys = engine.host.keys()
+    sample = dict(do_sample=not cfg.greedy, seed=cfg.seed)
+    warm_traces = recorder.record_all(warm, cfg.max_new_tokens, desc="warm-up traces", **sample)
+    eval_traces = recorder.record_all(evals, cfg.max_new_tokens, desc="evaluation traces", **sample)
+    recorder.close()
+
+    # the layer time that converts replay units to seconds: measured by an emulated-link engine
+    probe = OffloadEngine(EngineConfig(model=cfg.model, device=cfg.device, policy="on-demand",
+                                       link=LinkConfig(copy_layer_ratio=profile.ratio)))  # fmt: skip
+    layer_s = probe.layer_time_s
+    probe.close()
+
+    store = build_store(warm_traces, L, J, cfg.store_capacity, cfg.prefetch_distance)
+    factory = PolicyFactory(store, request_eams(warm_traces, L, J), (L, J, k), cfg.prefetch_distance)
+    slots_of = lambda b: min(total_experts, int(b * total_experts))  # noqa: E731
+    main_budget = Budget.parse(cfg.budget).resolve(total_experts * expert_bytes) // expert_bytes
+    rows = variants(cfg.policies)
+
+    results: dict = {"policies": {}, "budget_sweep": {}, "distance_sweep": {}}
+    for label, name, prefetch in tqdm(rows, desc="replay", unit="policy"):
+        slots = total_experts if name == "resident" else main_budget
+        results["policies"][label] = replay_row(
+            factory, name, prefetch, eval_traces, slots, profile.ratio, layer_s, expert_bytes, all_keys
+        )
+    for b in tqdm(cfg.budgets, desc="budget sweep", unit="budget"):
+        results["budget_sweep"][str(b)] = {
+            label: replay_row(factory, name, prefetch, eval_traces, slots_of(b), profile.ratio, layer_s, expert_bytes, all_keys)
+            for label, name, prefetch in rows
+            if name != "resident" and prefetch
+        }
+    for d in tqdm(cfg.distances, desc="distance sweep", unit="d"):
+        results["distance_sweep"][str(d)] = {
+            name: replay_row(factory, name, True, eval_traces, main_budget, profile.ratio, layer_s, expert_bytes, all_keys, d)
+            for name in ("finemoe", "hybrid", "moe-infinity")
+            if name in cfg.policies and d <= L
+        }
+
+    outputs: list[dict] = []
+    engine_rows = [r for r in rows if r[2]]
+    link = LinkConfig(copy_layer_ratio=profile.ratio, profile=cfg.link)
+    results["engine"] = run_engine_rows(cfg, engine_rows, eval_traces[: cfg.engine_prompts], factory, link, outputs)
+    for label, row in results["engine"].items():
+        if label in results["policies"]:
+            results["policies"][label]["overhead_frac"] = row["overhead_frac"]
+    results["config"] = {
+        "model": str(cfg.model), "workload": str(cfg.workload), "warm": str(cfg.warm) if cfg.warm else "70% split",
+        "warm_prompts": len(warm), "eval_prompts": len(evals), "engine_prompts": min(cfg.engine_prompts, len(evals)),
+        "budget": cfg.budget, "budget_slots": int(main_budget), "total_experts": total_experts,
+        "link": cfg.link, "copy_layer_ratio": profile.ratio, "layer_time_s": layer_s,
+        "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy" if cfg.greedy else "seeded sampling",
+        "seed": cfg.seed, "store_capacity": cfg.store_capacity, "store_entries": len(store),
+        "prefetch_distance": cfg.prefetch_distance, "timing": "replay (virtual time, layer units x measured layer time)",
+    }  # fmt: skip
+    with open(cfg.out / "outputs.jsonl", "w") as f:
+        for line in outputs:
+            f.write(json.dumps(line) + "\n")
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_report(results, cfg.out)
+    return results

@@ -1,0 +1,252 @@
+"""Trace-driven replay of a policy against the expert cache's rules, in virtual time.
+
+Why: at the paper's link ratio a miss costs ~13 layer times, so real-time emulation of hundreds
+of prompts x a dozen policies takes hours on a 2-core CPU. The replay runs the *same policy
+objects* through the same callbacks the engine makes, and applies the same link rules as
+``actors.expert_cache.ExpertCache``, with time counted in decode-layer units:
+
+- a decode layer computes for 1 unit; a prefill layer of T tokens for ``prefill_unit(T)``;
+- one expert copy holds the link for ``ratio`` units (the link profile's ratio);
+- misses are copied first, in the layer's order; a prefetch already on the link pauses at its
+  next chunk boundary (``CHUNKS`` per copy) and resumes after them; while misses wait no
+  prefetch starts; a prefetch starts only on an idle link, taken from the policy's plan at that
+  moment, into a free slot or a victim the policy admits;
+- a layer computes its resident experts first, then each miss as it lands.
+
+The engine's bench runs (real threads, real emulated link) validate the replay on a subset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from actors.cache_stats import CacheStats
+from bench.routing_trace import RequestTrace
+from predictor.policies.base import Key, Policy, Prefetch, RouterEvent
+
+
+CHUNKS = 8  # as actors.transfer.TransferEngine.chunks
+
+
+def prefill_unit(tokens: int) -> float:
+    """Compute time of a prefill layer relative to a decode layer (memory-bound up to ~32 tokens)."""
+    return max(1.0, tokens / 32.0)
+
+
+@dataclass
+class SimResult:
+    stats: CacheStats = field(default_factory=CacheStats)
+    iteration_units: list[float] = field(default_factory=list)  # decode iterations only
+    prefill_units: list[float] = field(default_factory=list)
+    link_busy_units: float = 0.0
+
+
+class ReplayCache:
+    def __init__(self, policy: Policy, num_slots: int, ratio: float):
+        self.policy = policy
+        self.slots = num_slots
+        self.ratio = ratio
+        self.resident: set[Key] = set()
+        self.in_flight: tuple[Key, float, bool] | None = None  # (key, lands at, is prefetch)
+        self.paused: tuple[Key, float] | None = None  # a prefetch paused for misses: (key, units left)
+        self.link_free = 0.0
+        self.pins: set[Key] = set()
+        self.unused_prefetch: set[Key] = set()
+        self.late_prefetch: set[Key] = set()
+        self.result = SimResult()
+        policy.contains = self.contains
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.result.stats
+
+    def contains(self, key: Key) -> bool:
+        return (
+            key in self.resident
+            or (self.in_flight is not None and self.in_flight[0] == key)
+            or (self.paused is not None and self.paused[0] == key)
+        )
+
+    def preload(self, keys: list[Key]) -> None:
+        for key in keys[: self.slots]:
+            self.resident.add(key)
+            self.policy.on_insert(key, prefetched=False)
+
+    # --- link ---------------------------------------------------------------------------------
+    def _land(self) -> None:
+        key, _, is_prefetch = self.in_flight
+        self.in_flight = None
+        self.resident.add(key)
+        self.stats.copies += 1
+        self.stats.bytes_moved += 1
+        if is_prefetch:
+            self.stats.prefetched += 1
+            if key in self.late_prefetch:
+                self.late_prefetch.discard(key)
+                self.stats.prefetch_used += 1
+            else:
+                self.unused_prefetch.add(key)
+        self.policy.on_insert(key, prefetched=is_prefetch)
+
+    def _make_room(self, key: Key, prefetch: Prefetch | None) -> bool:
+        if len(self.resident) + (self.in_flight is not None) < self.slots:
+            return prefetch is None or self.policy.admit(prefetch, None)
+        candidates = [k for k in self.resident if k not in self.pins]
+        if not candidates:
+            if prefetch is None:
+                raise RuntimeError("replay: every slot is pinned by the computing layer (budget below one layer)")
+            return False
+        victim = self.policy.choose_victim(candidates, key)
+        if prefetch is not None and not self.policy.admit(prefetch, victim):
+            return False
+        self.resident.discard(victim)
+        self.unused_prefetch.discard(victim)
+        self.policy.on_evict(victim)
+        return True
+
+    def _start(self, key: Key, at: float, is_prefetch: bool) -> None:
+        self.in_flight = (key, at + self.ratio, is_prefetch)
+        self.link_free = at + self.ratio
+        self.result.link_busy_units += self.ratio
+
+    def advance(self, until: float) -> None:
+        """Run the link up to time ``until``: land finished copies, start prefetches on an idle link."""
+        while True:
+            if self.in_flight is not None:
+                if self.in_flight[1] > until:
+                    return
+                self._land()
+            start = self.link_free
+            if start >= until or not self.policy.ctx.prefetch:
+                self.link_free = max(self.link_free, until)
+                return
+            for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
+                if self.contains(want.key):
+                    continue
+                if self._make_room(want.key, want):
+                    self._start(want.key, start, True)
+                break
+            if self.in_flight is None:  # nothing admissible now: idle until the next event
+                self.link_free = until
+                return
+
+    def load_now(self, key: Key, at: float) -> float:
+        """A miss at time ``at``: copy ``key`` on demand; return when it lands.
+
+        A prefetch of another expert on the link pauses at its next chunk boundary (``resume``
+        restarts it after the layer's misses); a prefetch of this very expert just completes.
+        """
+        if self.in_flight is not None:
+            fkey, lands, is_prefetch = self.in_flight
+            if fkey == key or not is_prefetch:
+                self._land()
+                self.link_free = max(self.link_free, lands)
+                if fkey == key:
+                    return lands
+            else:
+                chunk = self.ratio / CHUNKS
+                started = lands - self.ratio
+                boundary = started + chunk * np.ceil(max(0.0, at - started) / chunk - 1e-9)
+                if boundary >= lands:
+                    self._land()
+                    self.link_free = lands
+                else:
+                    self.paused = (fkey, lands - boundary)
+                    self.in_flight = None
+                    self.link_free = boundary
+        start = max(at, self.link_free)
+        self._make_room(key, None)
+        self._start(key, start, False)
+        lands = self.in_flight[1]
+        self._land()
+        return lands
+
+    def resume(self) -> None:
+        """After a layer's misses: the paused prefetch continues where it stopped."""
+        if self.paused is not None:
+            key, remaining = self.paused
+            self.paused = None
+            self.in_flight = (key, self.link_free + remaining, True)
+            self.link_free += remaining
+
+    # --- one layer ----------------------------------------------------------------------------
+    def run_layer(self, layer: int, experts: list[int], t: float, compute: float) -> float:
+        """Access a layer's experts at time t; return when the layer has finished computing."""
+        self.advance(t)
+        hits, misses = [], []
+        for e in experts:
+            key = (layer, e)
+            hit = key in self.resident
+            self.stats.accesses += 1
+            if key in self.unused_prefetch:
+                self.unused_prefetch.discard(key)
+                if hit:
+                    self.stats.prefetch_used += 1
+            self.policy.on_access(key, hit)
+            self.pins.add(key)
+            if hit:
+                self.stats.hits += 1
+                hits.append(key)
+            else:
+                self.stats.misses += 1
+                if self.in_flight is not None and self.in_flight[0] == key and self.in_flight[2]:
+                    self.late_prefetch.add(key)
+                misses.append(key)
+        per_expert = compute / max(1, len(experts))
+        cursor = t + per_expert * len(hits)
+        for key in misses:
+            if self.paused is not None and self.paused[0] == key:
+                self.resume()  # promoted: the paused prefetch is what this miss waits for
+            lands = self.load_now(key, t)
+            if lands > cursor:
+                self.stats.stall_s += lands - cursor  # in layer units here
+                cursor = lands
+            cursor += per_expert
+        self.resume()
+        self.pins.clear()
+        return max(cursor, t + compute)
+
+
+def replay(
+    policy: Policy,
+    traces: list[RequestTrace],
+    num_slots: int,
+    ratio: float,
+    resident_keys: list[Key] | None = None,
+) -> SimResult:
+    cache = ReplayCache(policy, num_slots, ratio)
+    if policy.all_resident and resident_keys:
+        cache.preload(resident_keys)
+    t = 0.0
+    iteration = -1
+    for req in traces:
+        policy.on_request_start()
+        for it in req.iterations:
+            iteration += 1
+            t0 = t
+            policy.on_iteration_start(iteration, torch.from_numpy(it.embedding)[None])
+            compute = prefill_unit(it.num_tokens)
+            for layer, (probs, gate, experts) in enumerate(zip(it.probs, it.next_gate, it.selected)):
+                cache.advance(t)
+                policy.on_router(RouterEvent(layer, torch.from_numpy(probs), None if gate is None else torch.from_numpy(gate)))
+                policy.on_layer_start(layer, experts)
+                t = cache.run_layer(layer, experts, t, compute)
+            policy.on_iteration_end(iteration)
+            (cache.result.prefill_units if it.num_tokens > 1 else cache.result.iteration_units).append(t - t0)
+    policy.close()
+    return cache.result
+
+
+def access_trace(traces: list[RequestTrace]) -> list[list[list[int]]]:
+    """The oracle's input: [iteration][layer] -> experts, over the whole replay."""
+    return [it.selected for req in traces for it in req.iterations]
+
+
+def summarize_units(units: list[float]) -> dict[str, float]:
+    if not units:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
+    a = np.asarray(units)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}

@@ -1,0 +1,103 @@
+"""`fate`: Fate's cross-layer gate (Fang et al., arXiv 2502.12224), as DESIGN.md section 4.
+
+- Prediction: layer l+1's router applied to layer l's router input (the hidden state after the
+  post-attention norm) predicts layer l+1's experts; each token's top-(k+1) are prefetched (union
+  over tokens, priority = the gate probability).
+- Cache: the shallow layers are cached fully when they fit (keeping at least k+1 slots for every
+  deeper layer); the rest of the budget is split evenly over the deeper layers; inside each
+  layer's quota, ARC decides what to evict.
+Lossy quantised transfers (INT4/INT2) are not implemented in this engine.
+"""
+
+from __future__ import annotations
+
+from predictor.arc import ARC
+from predictor.policies.base import Policy, Prefetch, RouterEvent
+
+
+def layer_quotas(num_layers: int, num_experts: int, top_k: int, slots: int) -> list[int]:
+    """Slots per layer: whole shallow layers while they fit, the rest split evenly."""
+    floor = min(num_experts, top_k + 1)
+    full = 0
+    while full < num_layers and (full + 1) * num_experts + (num_layers - full - 1) * floor <= slots:
+        full += 1
+    rest = num_layers - full
+    share = (slots - full * num_experts) // rest if rest else 0
+    return [num_experts] * full + [max(1, min(num_experts, share))] * rest
+
+
+def gate_prediction(event: RouterEvent, width: int) -> list[Prefetch]:
+    """The cross-layer gate: each token's top-``width`` experts of layer l+1 (union, max probability)."""
+    gate = event.next_gate()  # [T, J] or None
+    if gate is None:
+        return []
+    top = gate.float().topk(min(width, gate.shape[-1]), dim=-1)  # [T, width]
+    best: dict[int, float] = {}
+    for p_row, e_row in zip(top.values.tolist(), top.indices.tolist()):
+        for p, e in zip(p_row, e_row):
+            best[e] = max(best.get(e, 0.0), p)
+    return [Prefetch((event.layer + 1, e), p) for e, p in sorted(best.items(), key=lambda ep: -ep[1])]
+
+
+class Fate(Policy):
+    name = "fate"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.quotas = layer_quotas(ctx.num_layers, ctx.num_experts, ctx.top_k, ctx.num_slots)
+        self.arcs = [ARC(q) for q in self.quotas]
+        self.count = [0] * ctx.num_layers
+        self._plan: list[Prefetch] = []
+
+    def reset(self):
+        super().reset()
+        self.arcs = [ARC(q) for q in self.quotas]
+        self.count = [0] * self.ctx.num_layers
+        self._plan = []
+
+    def on_router(self, event):
+        if self.ctx.prefetch:
+            self._plan = gate_prediction(event, self.ctx.top_k + 1)
+
+    def on_iteration_start(self, iteration, embedding):
+        super().on_iteration_start(iteration, embedding)
+        self._plan = []
+
+    def prefetch_plan(self):
+        return self._plan
+
+    def on_access(self, key, hit):
+        super().on_access(key, hit)
+        self.arcs[key[0]].access(key)
+
+    def on_insert(self, key, prefetched):
+        super().on_insert(key, prefetched)
+        self.arcs[key[0]].insert(key)
+        self.count[key[0]] += 1
+
+    def on_evict(self, key):
+        super().on_evict(key)
+        self.arcs[key[0]].evict(key)
+        self.count[key[0]] -= 1
+
+    def choose_victim(self, candidates, incoming=None):
+        layer = incoming[0] if incoming is not None else None
+        # within quota: take from the most over-quota layer; at quota: from the incoming layer itself
+        if layer is None or self.count[layer] < self.quotas[layer]:
+            over = sorted(range(self.ctx.num_layers), key=lambda i: self.quotas[i] - self.count[i])
+        else:
+            over = [layer] + [i for i in range(self.ctx.num_layers) if i != layer]
+        for i in over:
+            mine = [k for k in candidates if k[0] == i]
+            if mine:
+                victim = self.arcs[i].victim(mine)
+                if victim is not None:
+                    return victim
+        return super().choose_victim(candidates, incoming)
+
+    def admit(self, prefetch, victim):
+        # a prefetch may displace an expert of its own layer (its quota) or of an over-quota layer
+        if victim is None:
+            return True
+        layer = victim[0]
+        return layer == prefetch.key[0] or self.count[layer] > self.quotas[layer]

@@ -1,0 +1,41 @@
+"""A local, read-mostly replica of the expert-map store for the searches on the critical path.
+
+``index()`` returns a ``SearchIndex`` over the store's current arrays, rebuilt only when the
+store's version changed (so no per-layer round trip to the store). ``publish`` hands finished
+iteration maps to the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from predictor.search import SearchIndex
+
+logger = logging.getLogger(__name__)
+
+
+class StoreReplica:
+    def __init__(self, store, refresh_every: int = 1):
+        self.store = store
+        self.refresh_every = max(1, refresh_every)  # iterations between version checks
+        self._index: SearchIndex | None = None
+        self._version = None
+        self._calls = 0
+        self._lock = threading.Lock()
+
+    def index(self) -> SearchIndex | None:
+        with self._lock:
+            self._calls += 1
+            if self._index is None or self._calls % self.refresh_every == 0:
+                version = self.store.version
+                if version != self._version:
+                    embeddings, maps = self.store.arrays()
+                    self._index = SearchIndex(embeddings, maps) if len(embeddings) else None
+                    self._version = version
+            return self._index
+
+    def publish(self, embedding: np.ndarray, expert_map: np.ndarray) -> None:
+        self.store.add(embedding, expert_map)
