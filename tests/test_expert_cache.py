@@ -147,6 +147,9 @@ def test_misses_pause_prefetching_and_go_first():
             link.gate.release()
         t.join(timeout=5)
         assert result == {5: 5.0, 6: 6.0}
+        deadline = time.time() + 5
+        while len(link.order) < 6 and time.time() < deadline:  # the paused prefetch and the rest finish
+            time.sleep(0.01)
         # (3,0) was already on the link: it paused at a chunk boundary for both misses, then finished
         assert link.order[:3] == [5.0, 6.0, 300.0]
         assert link.order[3:] == [301.0, 302.0, 303.0]
