@@ -26,9 +26,10 @@ class SearchIndex:
     """Immutable snapshot of the store, with what the searches need precomputed.
 
     ``semantic_backend``: "numpy" (one matrix-vector product; the default, "auto") or "faiss" (an
-    exact ``IndexFlatIP`` over unit vectors, same answer). Measured on this 2-core CPU at 4,096
-    entries x 128 dims (bench/search_speed.py): NumPy 16 us p50 / 24 us p99, FAISS 31 / 53 us, so
-    FAISS does not pay at the store sizes FineMoE uses (C <= 4,096).
+    exact ``IndexFlatIP`` over unit vectors, same answer). At 4,096 entries x 128 dims both take
+    tens of microseconds on this 2-core CPU, p99 well under 0.1 ms, FAISS no faster over repeated
+    runs (bench/results/search_speed.json, ``python -m bench.search_speed``): FAISS does not pay
+    at the store sizes FineMoE uses (C <= 4,096), so NumPy is the default and FAISS an option.
     """
 
     def __init__(self, embeddings: np.ndarray, maps: np.ndarray, semantic_backend: str = "auto"):
