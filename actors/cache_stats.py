@@ -26,6 +26,23 @@ class CacheStats:
     prefetched: int = 0
     prefetch_used: int = 0
 
+    def count_access(self, hit: bool, unused_prefetch: bool) -> None:
+        """One access; ``unused_prefetch``: the expert was prefetched and not accessed since."""
+        self.accesses += 1
+        if hit:
+            self.hits += 1
+            self.prefetch_used += unused_prefetch
+        else:
+            self.misses += 1
+
+    def count_copy(self, nbytes: int, prefetch: bool, late: bool) -> None:
+        """One finished copy; ``late``: a prefetch its layer already asked for (a used prediction)."""
+        self.copies += 1
+        self.bytes_moved += nbytes
+        if prefetch:
+            self.prefetched += 1
+            self.prefetch_used += late
+
     @property
     def hit_rate(self) -> float:
         return self.hits / self.accesses if self.accesses else 0.0

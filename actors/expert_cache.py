@@ -102,18 +102,13 @@ class ExpertCache:
             for e in experts:
                 key = (layer, e)
                 hit = key in self._slot_of
-                self.stats.accesses += 1
-                if key in self._unused_prefetch:
-                    self._unused_prefetch.discard(key)
-                    if hit:
-                        self.stats.prefetch_used += 1
+                self.stats.count_access(hit, key in self._unused_prefetch)
+                self._unused_prefetch.discard(key)
                 self.policy.on_access(key, hit)
                 self._pins[key] = self._pins.get(key, 0) + 1
                 if hit:
-                    self.stats.hits += 1
                     ready.append(key)
                 else:
-                    self.stats.misses += 1
                     misses.append(key)
                     if key not in self._loading:
                         self._loading[key] = False
@@ -246,15 +241,11 @@ class ExpertCache:
         with self._cv:
             self._loading.pop(key, None)
             self._slot_of[key] = slot
-            self.stats.copies += 1
-            self.stats.bytes_moved += self.expert_bytes
-            if is_prefetch:
-                self.stats.prefetched += 1
-                if key in self._late_prefetch:  # right prediction, too late to be a hit
-                    self._late_prefetch.discard(key)
-                    self.stats.prefetch_used += 1
-                else:
-                    self._unused_prefetch.add(key)
+            late = key in self._late_prefetch  # right prediction, too late to be a hit
+            self._late_prefetch.discard(key)
+            self.stats.count_copy(self.expert_bytes, is_prefetch, late)
+            if is_prefetch and not late:
+                self._unused_prefetch.add(key)
             self.policy.on_insert(key, prefetched=is_prefetch)
             self._cv.notify_all()
 

@@ -80,15 +80,11 @@ class ReplayCache:
         key, _, is_prefetch = self.in_flight
         self.in_flight = None
         self.resident.add(key)
-        self.stats.copies += 1
-        self.stats.bytes_moved += 1
-        if is_prefetch:
-            self.stats.prefetched += 1
-            if key in self.late_prefetch:
-                self.late_prefetch.discard(key)
-                self.stats.prefetch_used += 1
-            else:
-                self.unused_prefetch.add(key)
+        late = key in self.late_prefetch
+        self.late_prefetch.discard(key)
+        self.stats.count_copy(1, is_prefetch, late)  # bytes in expert units here
+        if is_prefetch and not late:
+            self.unused_prefetch.add(key)
         self.policy.on_insert(key, prefetched=is_prefetch)
 
     def _make_room(self, key: Key, prefetch: Prefetch | None) -> bool:
@@ -180,18 +176,13 @@ class ReplayCache:
         for e in experts:
             key = (layer, e)
             hit = key in self.resident
-            self.stats.accesses += 1
-            if key in self.unused_prefetch:
-                self.unused_prefetch.discard(key)
-                if hit:
-                    self.stats.prefetch_used += 1
+            self.stats.count_access(hit, key in self.unused_prefetch)
+            self.unused_prefetch.discard(key)
             self.policy.on_access(key, hit)
             self.pins.add(key)
             if hit:
-                self.stats.hits += 1
                 hits.append(key)
             else:
-                self.stats.misses += 1
                 if self.in_flight is not None and self.in_flight[0] == key and self.in_flight[2]:
                     self.late_prefetch.add(key)
                 misses.append(key)
