@@ -86,7 +86,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         first.generate(args.prompt, **gen_kwargs)
         trace = first.trace
         first.close()
-    engine = OffloadEngine(config, trace=trace, progress=args.progress)
+    options = {}
+    if args.store:
+        from predictor.map_store_memory import InMemoryMapStore
+        from predictor.replica import StoreReplica
+
+        if not Path(args.store).is_file():
+            raise UsageError(f"map store file {args.store!r} does not exist (make one with `expertmap record`)")
+        options = {"replica": StoreReplica(InMemoryMapStore.from_file(args.store)), "publish": False}
+    engine = OffloadEngine(config, trace=trace, progress=args.progress, extra_policy_options=options)
     try:
         gen = engine.generate(args.prompt, **gen_kwargs)
     finally:
@@ -191,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="one generation in-process, printing the text and cache statistics")
     g.add_argument("--prompt", required=True)
     g.add_argument("--model", default=str(BUNDLED_MODEL), help="Hugging Face MoE model folder (default: bundled)")
-    g.add_argument("--policy", default="on-demand", help="resident, on-demand (lru), lfu, oracle")
+    g.add_argument("--policy", default="on-demand", help="resident, on-demand (lru), lfu, oracle, finemoe, fate, moe-infinity, mixtral-offloading, hybrid")
     g.add_argument("--budget", default="0.25", help="fraction of all expert bytes (0.25, 25%%) or a size (2GiB)")
     g.add_argument("--link", default=DEFAULT_PROFILE, help="link profile (see bench/link_profiles.py), or instant")
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -199,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-prefetch", action="store_true", help="the policy's eviction rule alone")
+    g.add_argument("--store", default=None, help="expert-map store file for finemoe/hybrid (from `expertmap record`)")
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("record", help="run prompts and fill the expert-map store")
