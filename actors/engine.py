@@ -275,16 +275,32 @@ class OffloadEngine:
 
     # --- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_ids(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool, seed: int, **sampling):
+    def _generate_ids(
+        self,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        do_sample: bool,
+        seed: int,
+        streamer=None,
+        stopping_criteria=None,
+        min_new_tokens: int | None = None,
+        **sampling,
+    ):
         torch.manual_seed(seed)
+        extra = {}
+        if streamer is not None:
+            extra["streamer"] = streamer
+        if stopping_criteria is not None:
+            extra["stopping_criteria"] = stopping_criteria
         return self.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if min_new_tokens is None else min_new_tokens,
             do_sample=do_sample,
             pad_token_id=self._pad_id,
             **({"temperature": sampling.get("temperature", 1.0), "top_p": sampling.get("top_p", 1.0)} if do_sample else {}),
+            **extra,
         )
 
     def generate(
@@ -295,7 +311,18 @@ class OffloadEngine:
         seed: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        streamer=None,
+        stopping_criteria=None,
+        min_new_tokens: int | None = None,
     ) -> Generation:
+        """Generate ``max_new_tokens`` tokens (by default EOS is suppressed until then).
+
+        Serving options (all default to the behaviour above): ``streamer`` is passed to
+        ``model.generate(streamer=...)`` (a transformers ``BaseStreamer``: ``put`` gets the prompt
+        ids first, then each new token); ``stopping_criteria`` (a ``StoppingCriteriaList``) can end
+        the generation early, e.g. on a cancel flag or a stop string; ``min_new_tokens`` (e.g. 0)
+        lets the model stop at its end-of-sequence token before ``max_new_tokens``.
+        """
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"model at {self.config.model} has no tokenizer: pass token ids")
@@ -309,7 +336,10 @@ class OffloadEngine:
         before = self.cache.snapshot_stats()
         self._iteration_ends = []
         t0 = time.perf_counter()
-        out = self._generate_ids(ids_t, max_new_tokens, do_sample, seed, temperature=temperature, top_p=top_p)
+        out = self._generate_ids(
+            ids_t, max_new_tokens, do_sample, seed, streamer=streamer, stopping_criteria=stopping_criteria,
+            min_new_tokens=min_new_tokens, temperature=temperature, top_p=top_p,
+        )  # fmt: skip
         ends = self._iteration_ends
         new = out[0, len(ids) :].tolist()
         return Generation(

@@ -1,5 +1,8 @@
 """The `expertmap` command line. The entry point: the only place that reads the environment.
 
+    expertmap serve [--config FILE] [--model DIR] [--gpus N] [--address ADDR] [--port P]
+                    [--policy P] [--budget B]
+
     expertmap generate --prompt "def fib(n):" [--model DIR] [--policy P] [--budget B]
                        [--link PROFILE] [--max-new-tokens N] [--device D] [--sample --seed S]
 
@@ -189,6 +192,128 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: Exception) -> str:
+    """A pydantic ValidationError (or any ValueError) as one line."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            msg = str(first.get("msg", exc)).removeprefix("Value error, ")
+            return f"{where}: {msg}" if where else msg
+        except (IndexError, TypeError):
+            pass
+    return " ".join(str(exc).split())
+
+
+def _serve_plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str, str, dict]]]:
+    """(http_options, [(app name, route prefix, import path, builder args)]), checked before Ray starts."""
+    import yaml
+
+    overrides = {k: v for k, v in (("model", args.model), ("gpus", args.gpus), ("policy", args.policy),
+                                   ("budget", args.budget)) if v is not None}  # fmt: skip
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"config file {args.config!r} does not exist")
+        try:
+            cfg = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise UsageError(f"config file {args.config!r} is not valid YAML: {_one_line(exc)}") from None
+        from ray.serve.schema import ServeDeploySchema
+
+        try:
+            schema = ServeDeploySchema.model_validate(cfg)
+        except ValueError as exc:
+            raise UsageError(f"config file {args.config!r} is not a Serve config: {_one_line(exc)}") from None
+        http = dict(cfg.get("http_options") or {})
+        apps = [(a.name, a.route_prefix or "/", a.import_path, {**(a.args or {}), **overrides}) for a in schema.applications]
+    else:
+        from cluster.serve_app import AppArgs
+
+        http = {"host": AppArgs().host, "port": AppArgs().port}
+        apps = [("expertmap", "/", "cluster.serve_app:build_app", dict(overrides))]
+    if args.port is not None:
+        if not 1 <= args.port <= 65535:
+            raise UsageError(f"--port {args.port} must be in 1..65535")
+        http["port"] = args.port
+    http.setdefault("host", "127.0.0.1")
+    http.setdefault("port", 8000)
+    for _, _, import_path, app_args in apps:
+        if import_path == "cluster.serve_app:build_app":
+            from cluster.serve_app import AppArgs, check_exposure, check_supported
+
+            app_args.setdefault("host", http["host"])
+            app_args["port"] = http["port"]
+            try:
+                parsed = AppArgs.model_validate(app_args)
+                check_supported(parsed)
+                if not (parsed.model_path / "config.json").exists():
+                    raise UsageError(f"model folder {str(parsed.model_path)!r} does not exist or has no config.json")
+                check_exposure(parsed)
+            except ValueError as exc:
+                raise UsageError(_one_line(exc)) from None
+    return http, apps
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start (or join) Ray, deploy the Serve app(s), block until SIGINT/SIGTERM, then shut down."""
+    import importlib
+    import signal
+    import threading
+
+    if args.gpus is not None and args.gpus < 1:
+        raise UsageError(f"--gpus {args.gpus} must be at least 1")
+    http, apps = _serve_plan(args)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local-only unless joining a cluster
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.address:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    else:
+        import torch
+
+        gpus = max(torch.cuda.device_count(), max(a[3].get("gpus", 1) for a in apps))
+        # a CPU machine gets fake GPUs: stages (and this version's one replica) ask for one each
+        ray.init(num_gpus=gpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    names = []
+    try:
+        serve.start(http_options=http)
+        for name, prefix, import_path, app_args in apps:
+            module, _, attr = import_path.partition(":")
+            builder = getattr(importlib.import_module(module), attr)
+            serve.run(builder(app_args), name=name, route_prefix=prefix, blocking=False)
+            names.append(name)
+            if stop.is_set():
+                break
+        host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
+        url = f"http://{host}:{http['port']}"
+        from cluster.serve_app import AppArgs
+
+        model = AppArgs.model_validate({k: v for k, v in apps[0][3].items() if k in AppArgs.model_fields}).model_id
+        print(f"ExpertMap is serving {model} at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)")
+        print("try:")
+        print(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\")
+        print(f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "def fibonacci(n):"}}], "max_tokens": 32}}\'')
+        sys.stdout.flush()
+        stop.wait()
+        print("shutting down", file=sys.stderr)
+    finally:
+        try:
+            if args.address:
+                for name in names:  # leave the cluster's other applications alone
+                    serve.delete(name)
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bench.link_profiles import DEFAULT_PROFILE
 
@@ -243,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefetch-distance", type=int, default=3)
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="start (or join) Ray and serve the OpenAI-compatible endpoint")
+    s.add_argument("--config", default=None, help="a Serve config file (configs/serve.yaml); default: built-in defaults")
+    s.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    s.add_argument("--gpus", type=int, default=None, help="pipeline stages (this version: 1)")
+    s.add_argument("--address", default=None, help="join a running Ray cluster (ray://... or HOST:PORT) instead of starting one")
+    s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    s.add_argument("--policy", default=None, help="cache policy (default: hybrid)")
+    s.add_argument("--budget", default=None, help="fraction of all expert bytes (0.25, 25%%) or a size (2GiB)")
+    s.set_defaults(func=cmd_serve)
     return ap
 
 
