@@ -161,10 +161,10 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
             extra_policy_options=opts,
         )
         ttfts, tpots, texts = [], [], []
-        for i, req in enumerate(prompts):
+        for req in prompts:
             g = engine.generate(
                 engine.tokenizer(req.prompt).input_ids[:256] or [engine.tokenizer.bos_token_id],
-                max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, seed=cfg.seed + i,
+                max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, seed=cfg.seed,
             )  # fmt: skip
             ttfts.append(g.ttft_s)
             tpots.extend(g.tpot_s)
