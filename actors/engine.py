@@ -150,7 +150,10 @@ class OffloadEngine:
         self.pool = SlotPool(num_slots, self.host.shapes, dtype, self.device)
         self.link_mode = mode
         first = make_transfer("cuda" if mode == "cuda" else "instant", self.pool, self.device, None)
-        self.cache = ExpertCache(self.pool, first, self.policy, self.host.__getitem__, self.host.expert_bytes)
+        self.cache = ExpertCache(
+            self.pool, first, self.policy, self.host.at_precision, self.host.expert_bytes,
+            precision_bytes=self.host.precision_bytes,
+        )
         self.policy_s = 0.0  # time in policy callbacks on the compute thread (critical path)
         self.iterations_s = 0.0
         self.runner = ExpertRunner(self.adapter, self.cache, self._timed(self.policy.on_layer_start))

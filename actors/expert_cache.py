@@ -48,15 +48,17 @@ class ExpertCache:
         pool: SlotPool,
         transfer: TransferEngine,
         policy: Policy,
-        host_weights: Callable[[Key], dict[str, torch.Tensor]],
+        host_weights: Callable[..., dict[str, torch.Tensor]],
         expert_bytes: int,
         name: str = "cache",
+        precision_bytes: dict[str, int] | None = None,
     ):
         self.pool = pool
         self.transfer = transfer
         self.policy = policy
         self.host_weights = host_weights
         self.expert_bytes = expert_bytes
+        self.precision_bytes = precision_bytes or {"full": expert_bytes}
         self.stats = CacheStats()
         self._cv = threading.Condition()
         self._slot_of: dict[Key, int] = {}  # resident
@@ -237,13 +239,18 @@ class ExpertCache:
     def _execute(self, key: Key, slot: int, is_prefetch: bool) -> None:
         """Copy one expert (a prefetch pauses between chunks for waiting misses), then land it."""
         pause = self._serve_demands if is_prefetch else None
-        self.transfer.copy(slot, self.host_weights(key), self.expert_bytes, between_chunks=pause)
+        precision = self.policy.precision(key, is_prefetch)
+        if precision == "full":
+            host, nbytes = self.host_weights(key), self.expert_bytes
+        else:  # lossy mode: the link carries the quantised bytes
+            host, nbytes = self.host_weights(key, precision), self.precision_bytes[precision]
+        self.transfer.copy(slot, host, nbytes, between_chunks=pause)
         with self._cv:
             self._loading.pop(key, None)
             self._slot_of[key] = slot
             late = key in self._late_prefetch  # right prediction, too late to be a hit
             self._late_prefetch.discard(key)
-            self.stats.count_copy(self.expert_bytes, is_prefetch, late)
+            self.stats.count_copy(nbytes, is_prefetch, late)
             if is_prefetch and not late:
                 self._unused_prefetch.add(key)
             self.policy.on_insert(key, prefetched=is_prefetch)

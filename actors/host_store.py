@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from actors.adapters import ArchitectureAdapter, MoELayer
 from actors.checkpoint import CheckpointReader
+from actors.quantize import PRECISIONS, expert_at
 from predictor.policies.base import Key
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,23 @@ class HostExpertStore:
         self.shapes = {n: t.shape for n, t in first.items()}
         self.expert_bytes = sum(t.numel() * t.element_size() for t in first.values())
         self.dtype = dtype
+        self._lossy: dict[tuple[Key, str], dict[str, torch.Tensor]] = {}
+        self.precision_bytes = {p: expert_at(first, p)[1] for p in PRECISIONS}  # bytes on the link
         logger.info("host store: %d experts, %.1f KiB each", len(self._experts), self.expert_bytes / 1024)
 
     def __getitem__(self, key: Key) -> dict[str, torch.Tensor]:
         return self._experts[key]
+
+    def at_precision(self, key: Key, precision: str = "full") -> dict[str, torch.Tensor]:
+        """A lossy copy ('int4', 'int2': quantised then de-quantised), made once and kept."""
+        if precision == "full":
+            return self._experts[key]
+        cached = self._lossy.get((key, precision))
+        if cached is None:
+            cached, nbytes = expert_at(self._experts[key], precision)
+            self.precision_bytes[precision] = nbytes
+            self._lossy[(key, precision)] = cached
+        return cached
 
     def __len__(self) -> int:
         return len(self._experts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from predictor.policies.base import Key, Policy, PolicyContext, Position, Prefetch
-from predictor.policies.fate import Fate
+from predictor.policies.fate import Fate, FateLossy
 from predictor.policies.finemoe import FineMoE
 from predictor.policies.hybrid import Hybrid
 from predictor.policies.lfu import LFU
@@ -14,7 +14,8 @@ from predictor.policies.oracle import AccessTrace, Oracle
 from predictor.policies.resident import Resident
 
 POLICIES: dict[str, type[Policy]] = {
-    p.name: p for p in (Resident, OnDemandLRU, LFU, Oracle, FineMoE, Fate, MoEInfinity, MixtralOffloading, Hybrid)
+    p.name: p for p in (Resident, OnDemandLRU, LFU, Oracle, FineMoE, Fate, FateLossy, MoEInfinity, MixtralOffloading,
+              Hybrid)
 }
 POLICIES["lru"] = OnDemandLRU
 

@@ -126,6 +126,10 @@ class Policy:
     def prefetch_plan(self) -> list[Prefetch]:
         return []
 
+    def precision(self, key: Key, prefetch: bool) -> str:
+        """How ``key`` travels and is cached: 'full' (lossless, the default), 'int4' or 'int2'."""
+        return "full"
+
     def admit(self, prefetch: Prefetch, victim: Key | None) -> bool:
         """May ``prefetch`` evict ``victim`` (None: a free slot)? Default: only into free slots."""
         return victim is None

@@ -6,7 +6,10 @@
 - Cache: the shallow layers are cached fully when they fit (keeping at least k+1 slots for every
   deeper layer); the rest of the budget is split evenly over the deeper layers; inside each
   layer's quota, ARC decides what to evict.
-Lossy quantised transfers (INT4/INT2) are not implemented in this engine.
+`fate-lossy` adds Fate's quantised mode: prefetched experts travel and are cached as INT4
+(group 64), the least popular of each prediction and every on-demand load as INT2 (group 32),
+layer 0 at full precision; the link carries the quantised bytes. Its output is NOT the full
+model's: it is reported separately, with token agreement and perplexity (bench/lossy.py).
 """
 
 from __future__ import annotations
@@ -101,3 +104,22 @@ class Fate(Policy):
             return True
         layer = victim[0]
         return layer == prefetch.key[0] or self.count[layer] > self.quotas[layer]
+
+
+class FateLossy(Fate):
+    name = "fate-lossy"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self._least_popular: set = set()
+
+    def on_router(self, event):
+        super().on_router(event)
+        self._least_popular = {self._plan[-1].key} if len(self._plan) > 1 else set()
+
+    def precision(self, key, prefetch):
+        if key[0] == 0:
+            return "full"
+        if not prefetch or key in self._least_popular:
+            return "int2"
+        return "int4"
