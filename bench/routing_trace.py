@@ -5,13 +5,21 @@ distribution over the iteration's tokens, the cross-layer gate's distribution fo
 (next router applied to this layer's router input), and the experts each layer selected. It is
 recorded with the real engine (`resident`, instant link): lossless execution means every policy
 routes exactly the same way, so replaying this trace gives each policy the inputs it would see.
+
+The semantic embedding is, by default (``embedding="token"``), the model's token-embedding output
+pooled over the iteration's tokens. With ``embedding="minilm"`` it is the all-MiniLM-L6-v2
+sentence embedding (384 dims, ``predictor/sentence_embedding.py``) of the text the model has seen
+so far in the request: the prompt at prefill, the prompt plus the tokens generated before it at
+each decode step (token ids decoded with the model's tokenizer), embedded in one batch per request.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -70,9 +78,25 @@ def split(records: list[dict], warm_fraction: float, seed: int) -> tuple[list[di
 
 
 class TraceRecorder:
-    """Runs prompts on a `resident` engine and keeps each iteration's routing."""
+    """Runs prompts on a `resident` engine and keeps each iteration's routing.
 
-    def __init__(self, model: Path, device: str = "cpu", max_prompt_tokens: int = 256):
+    ``embedding``: "token" (the model's pooled token embeddings) or "minilm" (see module doc).
+    ``embed_s`` / ``embed_iterations`` add up the time spent on MiniLM embeddings.
+    """
+
+    def __init__(self, model: Path, device: str = "cpu", max_prompt_tokens: int = 256,
+                 embedding: Literal["token", "minilm"] = "token", embedder=None):  # fmt: skip
+        if embedding not in ("token", "minilm"):
+            raise ValueError(f"embedding {embedding!r}: use token or minilm")
+        self.embedding = embedding
+        self.embedder = None
+        if embedding == "minilm":
+            from predictor.sentence_embedding import SentenceEmbedder
+
+            self.embedder = embedder if embedder is not None else SentenceEmbedder(device=device)
+            self.embedder.model  # load now (and fail now if the package is missing), not mid-recording
+        self.embed_s = 0.0
+        self.embed_iterations = 0
         self.engine = OffloadEngine(
             EngineConfig(model=model, device=device, policy="resident", link=LinkConfig(mode="instant"))
         )
@@ -103,7 +127,20 @@ class TraceRecorder:
         g = self.engine.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed)
         for it, selected in zip(self._current, self.engine.trace):
             it.selected = selected
+        if self.embedder is not None:
+            self._embed_texts(ids, g.token_ids)
         return RequestTrace(rec["id"], rec["category"], rec["prompt"], g.text, self._current)
+
+    def _embed_texts(self, prompt_ids: list[int], new_ids: list[int]) -> None:
+        """Iteration i has seen the prompt and the first i generated tokens (the last one is its input)."""
+        tok = self.engine.tokenizer
+        texts = [tok.decode(prompt_ids + new_ids[:i], skip_special_tokens=True) for i in range(len(self._current))]
+        t0 = time.perf_counter()
+        vectors = self.embedder.embed(texts)
+        self.embed_s += time.perf_counter() - t0
+        self.embed_iterations += len(texts)
+        for it, vec in zip(self._current, vectors):
+            it.embedding = vec
 
     def record_all(self, records, max_new_tokens, do_sample, seed, desc="recording") -> list[RequestTrace]:
         return [self.record(r, max_new_tokens, do_sample, seed) for r in tqdm(records, desc=desc, unit="prompt")]
