@@ -46,6 +46,17 @@ def engine_table(engine: dict) -> list[str]:
     return rows
 
 
+def embedding_lines(cfg: dict) -> list[str]:
+    """One line on the semantic embedding, when the run used the MiniLM one (older results: none)."""
+    if cfg.get("embedding", "token") == "token":
+        return []
+    line = f"Semantic embedding: `{cfg['embedding']}` ({cfg.get('embedding_dim')} dims)"
+    cost = cfg.get("embedding_cost")
+    if cost:
+        line += f", {cost['per_iteration_s'] * 1e3:.2f} ms per iteration on this machine ({cost['iterations']} iterations)"
+    return [line + ".", ""]
+
+
 def write_report(results: dict, out: Path) -> None:
     cfg = results["config"]
     lines = [
@@ -58,14 +69,20 @@ def write_report(results: dict, out: Path) -> None:
         f"link `{cfg['link']}` (one copy = {cfg['copy_layer_ratio']:.1f} layer times; measured layer time "
         f"{cfg['layer_time_s'] * 1e3:.2f} ms), prefetch distance {cfg['prefetch_distance']}.",
         "",
+        *embedding_lines(cfg),
         "## All evaluation prompts (trace-driven replay)",
         "",
         *policy_table(results["policies"]),
         "",
-        f"## Real engine, real-time emulated link ({cfg['engine_prompts']} prompts)",
-        "",
-        *engine_table(results["engine"]),
-        "",
+    ]
+    if results.get("engine"):
+        lines += [
+            f"## Real engine, real-time emulated link ({cfg['engine_prompts']} prompts)",
+            "",
+            *engine_table(results["engine"]),
+            "",
+        ]
+    lines += [
         "![hit rate vs budget](hit_rate_vs_budget.png) ![hit rate vs distance](hit_rate_vs_distance.png) "
         "![TPOT vs budget](tpot_vs_budget.png)",
         "",

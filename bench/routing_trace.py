@@ -94,7 +94,7 @@ class TraceRecorder:
             from predictor.sentence_embedding import SentenceEmbedder
 
             self.embedder = embedder if embedder is not None else SentenceEmbedder(device=device)
-            self.embedder.model  # load now (and fail now if the package is missing), not mid-recording
+            self.embedder.load()  # now (and fail now if the package is missing), not mid-recording
         self.embed_s = 0.0
         self.embed_iterations = 0
         self.engine = OffloadEngine(
@@ -134,8 +134,8 @@ class TraceRecorder:
     def _embed_texts(self, prompt_ids: list[int], new_ids: list[int]) -> None:
         """Iteration i has seen the prompt and the first i generated tokens (the last one is its input)."""
         tok = self.engine.tokenizer
+        t0 = time.perf_counter()  # decoding the texts counts: it is part of this embedding's cost
         texts = [tok.decode(prompt_ids + new_ids[:i], skip_special_tokens=True) for i in range(len(self._current))]
-        t0 = time.perf_counter()
         vectors = self.embedder.embed(texts)
         self.embed_s += time.perf_counter() - t0
         self.embed_iterations += len(texts)

