@@ -26,7 +26,7 @@ from actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner, regis
 from actors.recorder import RoutingRecorder
 from actors.slot_pool import SlotPool
 from actors.transfer import EmulatedLink, InstantLink, make_transfer
-from predictor.policies import PolicyContext, make_policy
+from predictor.policies import POLICIES, PolicyContext, make_policy
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,8 @@ class OffloadEngine:
 
         # budget -> slots
         total = self.host.total_bytes
-        policy_cls_resident = config.policy == "resident"
-        budget_bytes = total if policy_cls_resident else config.budget.resolve(total)
+        all_resident = getattr(POLICIES.get(config.policy), "all_resident", False)
+        budget_bytes = total if all_resident else config.budget.resolve(total)
         num_slots = min(len(self.host), budget_bytes // self.host.expert_bytes)
         if num_slots < self.top_k:
             need = self.top_k * self.host.expert_bytes
