@@ -52,6 +52,7 @@ class FineMoE(Policy):
         self._trajectory = None
         self._layer_pred: dict[int, tuple[np.ndarray, float]] = {}  # layer -> (distribution [J], similarity)
         self._observed_layer = -1
+        self._last_event: RouterEvent | None = None  # the newest router event, for subclasses' planning
         self.planner = BackgroundPlanner(
             self._apply, self._replan, on_drop=self._dropped, synchronous=bool(opts.get("synchronous", False)),
             name=f"{self.name}-planner",
@@ -71,7 +72,7 @@ class FineMoE(Policy):
         self.planner.submit(("start", iteration, emb))
 
     def on_router(self, event: RouterEvent):
-        self.planner.submit(("router", self.pos.iteration, event.layer, event.probs.float().mean(dim=0)))
+        self.planner.submit(("router", self.pos.iteration, event.layer, event.probs.float().mean(dim=0), event))
 
     def on_iteration_end(self, iteration):
         self.planner.submit(("end", iteration, None))
@@ -133,7 +134,7 @@ class FineMoE(Policy):
                 for layer in range(self.ctx.num_layers):  # the whole map as a prior; layers < d are its prediction
                     self._layer_pred[layer] = (self._index.maps[best, layer], sim)
         elif kind == "router":
-            _, iteration, layer, dist = item
+            _, iteration, layer, dist, self._last_event = item
             dist = dist.cpu().numpy()
             self._iteration_maps.append(dist)
             self._observed_layer = layer

@@ -1,7 +1,8 @@
 """`hybrid`: ExpertMap's own policy: FineMoE's map searches and Fate's cross-layer gate feeding a
 predicted-Belady cache.
 
-Prediction, as in FineMoE and Fate:
+Prediction, as in FineMoE and Fate (both computed on the background planner, off the critical
+path; the compute thread only enqueues the router event):
 - layer l+1 (next): the cross-layer gate (layer l+1's router on layer l's router input), which
   sees this very token's hidden state: top-(k+1) per token, priority = gate probability;
 - layers l+2..l+d: FineMoE's semantic / trajectory search over the expert-map store.
@@ -54,20 +55,19 @@ class Hybrid(FineMoE):
         self._gate_plan = []
         super().on_iteration_start(iteration, embedding)
 
-    def on_router(self, event):
-        super().on_router(event)
-        plan = gate_prediction(event, self.ctx.top_k + 1)
-        it = self.pos.iteration
-        for pf in plan:
-            self.pred_prob[pf.key] = pf.priority
-            self._pred_iter[pf.key] = it
-        self._gate_plan = plan
-
     def _replan(self):
+        """Background thread, newest position only: the map searches' plan, then the gate's."""
         super()._replan()
         it = self.pos.iteration
         for pf in self._plan:
             self._pred_iter[pf.key] = it
+        event, self._last_event = self._last_event, None
+        if event is not None:
+            plan = gate_prediction(event, self.ctx.top_k + 1)  # next router on this router's input
+            for pf in plan:
+                self.pred_prob[pf.key] = pf.priority
+                self._pred_iter[pf.key] = it
+            self._gate_plan = plan
 
     def prefetch_plan(self):
         if not self.ctx.prefetch:
