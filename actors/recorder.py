@@ -47,8 +47,7 @@ class RoutingRecorder:
     def _embed_hook(self, module, args, output):
         # output: [B, S, D]
         self._shape = (output.shape[0], output.shape[1])
-        self.last_embedding = output.detach().float().mean(dim=1)  # [B, D]
-        self._embedding = self.last_embedding
+        self._embedding = output.detach().float().mean(dim=1)  # [B, D]
         if self.on_embedding is not None:
             self.on_embedding(self._embedding)
 

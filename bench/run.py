@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -62,7 +62,6 @@ class BenchConfig:
     # the semantic embedding the map store is searched with: the model's pooled token embeddings
     # (FineMoE's) or an all-MiniLM-L6-v2 sentence embedding of the text seen so far (384 dims)
     embedding: Literal["token", "minilm"] = "token"
-    extra: dict = field(default_factory=dict)
 
 
 def build_store(traces: list[RequestTrace], num_layers: int, num_experts: int, capacity: int, distance: int):
@@ -146,6 +145,7 @@ def replay_row(factory, name, prefetch, traces, slots, ratio, layer_s, expert_by
         "overhead_frac": None,
         "accesses": s.accesses,
         "prefetched": s.prefetched,
+        "link_busy_frac": res.link_busy_units / total_units if total_units else 0.0,
         "replay_wall_s": wall,
     }
 
