@@ -59,6 +59,16 @@ class Budget(BaseModel):
         return f"{self.fraction:g}" if self.fraction is not None else f"{self.bytes}B"
 
 
+def require_model_folder(path: str | Path) -> Path:
+    """``path`` as a Path if it is a Hugging Face model folder (has config.json), else ValueError."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"model folder {str(path)!r} does not exist or is not a folder")
+    if not (folder / "config.json").exists():
+        raise ValueError(f"model folder {str(path)!r} has no config.json: not a Hugging Face model folder")
+    return folder
+
+
 def _number(text: str, raw: object) -> float:
     try:
         return float(text)
@@ -105,8 +115,4 @@ class EngineConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, v: Path) -> Path:
-        if not Path(v).is_dir():
-            raise ValueError(f"model folder {str(v)!r} does not exist or is not a folder")
-        if not (Path(v) / "config.json").exists():
-            raise ValueError(f"model folder {str(v)!r} has no config.json: not a Hugging Face model folder")
-        return Path(v)
+        return require_model_folder(v)

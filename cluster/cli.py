@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig
+from actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig, require_model_folder
 
 log = logging.getLogger("expertmap")
 
@@ -46,13 +46,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     try:
         budget = Budget.parse(args.budget)
         link = _link_config(args.link)
+        model = require_model_folder(args.model)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    model = Path(args.model)
-    if not model.is_dir():
-        raise UsageError(f"model folder {str(model)!r} does not exist")
-    if not (model / "config.json").exists():
-        raise UsageError(f"model folder {str(model)!r} has no config.json: not a Hugging Face model folder")
     return EngineConfig(model=model, device=args.device, policy=args.policy, budget=budget, link=link, prefetch=not args.no_prefetch)
 
 
@@ -132,9 +128,10 @@ def cmd_record(args: argparse.Namespace) -> int:
     """Run prompts and fill the expert-map store (an .npz file, or Redis with --redis-url)."""
     from bench.routing_trace import TraceRecorder, load_workload
 
-    model = Path(args.model)
-    if not (model / "config.json").exists():
-        raise UsageError(f"model folder {str(model)!r} does not exist or has no config.json")
+    try:
+        model = require_model_folder(args.model)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     records = load_workload(_workload(args.workload))[: _positive("--limit", args.limit)]
     recorder = TraceRecorder(model, args.device)
     engine = recorder.engine
@@ -260,8 +257,7 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str, st
             try:
                 parsed = AppArgs.model_validate(app_args)
                 check_supported(parsed)
-                if not (parsed.model_path / "config.json").exists():
-                    raise UsageError(f"model folder {str(parsed.model_path)!r} does not exist or has no config.json")
+                require_model_folder(parsed.model_path)
                 check_exposure(parsed)
             except ValueError as exc:
                 raise UsageError(_one_line(exc)) from None

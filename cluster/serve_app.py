@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
 from ray import serve  # noqa: E402
 
-from actors.config import Budget  # noqa: E402
+from actors.config import Budget, require_model_folder  # noqa: E402
 
 logger = logging.getLogger("expertmap.serve")
 
@@ -916,8 +916,7 @@ class ExpertMapServer:
 def build_app(args: dict | None = None):
     """The Serve application for ``args`` (validated here, before any actor starts)."""
     a = parse_args(args)
-    if not a.model_path.is_dir() or not (a.model_path / "config.json").exists():
-        raise ValueError(f"model folder {str(a.model_path)!r} does not exist or has no config.json")
+    require_model_folder(a.model_path)
     check_supported(a)
     check_exposure(a)
     deployment = serve.deployment(
