@@ -123,6 +123,8 @@ class OffloadEngine:
             mode = "cuda" if self.device.type == "cuda" else "emulated"
         self.layer_time_s: float | None = None
         if mode == "emulated" and config.link.bandwidth_bytes_per_s is None:
+            if config.link.copy_layer_ratio is None:  # say so before the measurement, not after
+                raise ValueError("emulated link needs copy_layer_ratio or bandwidth_bytes_per_s")
             self.layer_time_s = self._measure_layer_time()
         self._drop_fused_experts()
         self.model.to(self.device)
@@ -210,12 +212,10 @@ class OffloadEngine:
         return max(estimates[1], 1e-6) / self.model.config.num_hidden_layers
 
     def _calibrate_link(self) -> None:
-        """Measure one decoder layer's decode time, then set the emulated link's bandwidth."""
+        """Set the emulated link's bandwidth (given, or from the ratio and the measured layer time)."""
         link = self.config.link
         bandwidth = link.bandwidth_bytes_per_s
         if bandwidth is None:
-            if link.copy_layer_ratio is None:
-                raise ValueError("emulated link needs copy_layer_ratio or bandwidth_bytes_per_s")
             bandwidth = self.host.expert_bytes / (link.copy_layer_ratio * self.layer_time_s)
         self.bandwidth = bandwidth
         self.cache.transfer = EmulatedLink(self.pool, bandwidth)
