@@ -85,6 +85,64 @@ def _load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
+def open_model_folder(folder: Path):
+    """(Hugging Face config, adapter) of a model folder that ExpertMap can serve, or a clear error."""
+    from transformers import AutoConfig
+
+    check_model_folder(folder)
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    adapter = adapter_for(hf_config)  # clear error for unsupported architectures
+    if getattr(hf_config, "quantization_config", None):
+        raise ModelFolderError(f"model folder {folder} is quantized; ExpertMap reads unquantized checkpoints only")
+    register_experts_implementation()
+    return hf_config, adapter
+
+
+def slots_for_budget(config: EngineConfig, host: HostExpertStore, top_k: int) -> tuple[int, int]:
+    """(expert slots, budget bytes) for the experts of ``host``: a fractional budget is a share of
+    them (a pipeline stage: of its own layers' experts), a byte budget is this device's memory."""
+    total = host.total_bytes
+    all_resident = getattr(POLICIES.get(config.policy), "all_resident", False)
+    budget_bytes = total if all_resident else config.budget.resolve(total)
+    num_slots = min(len(host), budget_bytes // host.expert_bytes)
+    if num_slots < top_k:
+        need = top_k * host.expert_bytes
+        raise CacheBudgetError(
+            f"budget {config.budget} ({budget_bytes} bytes) holds {num_slots} experts; a layer can select "
+            f"{top_k} (top-k) at once, so the smallest budget is {need} bytes "
+            f"({need / total:.4f} of all {total} expert bytes)"
+        )
+    return num_slots, budget_bytes
+
+
+def calibration_ids(tokenizer, hf_config) -> list[int]:
+    if tokenizer is not None:
+        return tokenizer("The expert cache calibrates its link.").input_ids
+    return [(7 * i + 3) % hf_config.vocab_size for i in range(8)]
+
+
+@torch.no_grad()
+def measure_layer_time(model: nn.Module, ids: list[int], device: torch.device) -> float:
+    """One decoder layer's decode time on this device: the plain model (all experts, eager loop),
+    median decode step / number of decoder layers. Call it before the experts are dropped."""
+    model.set_experts_implementation("eager")
+    model.to(device)
+    ids_t = torch.tensor([ids], device=device)
+
+    def run(new_tokens: int) -> float:
+        t0 = time.perf_counter()
+        model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    run(4)  # warm-up
+    estimates = sorted((run(13) - run(1)) / 12 for _ in range(3))  # decode steps only
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    return max(estimates[1], 1e-6) / model.config.num_hidden_layers
+
+
 class OffloadEngine:
     def __init__(
         self,
@@ -93,18 +151,10 @@ class OffloadEngine:
         progress: bool = False,
         extra_policy_options: dict | None = None,
     ):
-        from transformers import AutoConfig
-
         self.config = config
         self.device = torch.device(config.device)
         folder = Path(config.model)
-        check_model_folder(folder)
-        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        self.adapter = adapter_for(hf_config)  # clear error for unsupported architectures
-        if getattr(hf_config, "quantization_config", None):
-            raise ModelFolderError(f"model folder {folder} is quantized; ExpertMap reads unquantized checkpoints only")
-
-        register_experts_implementation()
+        hf_config, self.adapter = open_model_folder(folder)
         self.model = load_plain_model(folder, config.dtype, EXPERTS_IMPLEMENTATION)
         self.tokenizer = _load_tokenizer(folder)
         self.layers = self.adapter.moe_layers(self.model)
@@ -129,20 +179,8 @@ class OffloadEngine:
         self._drop_fused_experts()
         self.model.to(self.device)
 
-        # budget -> slots
-        total = self.host.total_bytes
-        all_resident = getattr(POLICIES.get(config.policy), "all_resident", False)
-        budget_bytes = total if all_resident else config.budget.resolve(total)
-        num_slots = min(len(self.host), budget_bytes // self.host.expert_bytes)
-        if num_slots < self.top_k:
-            need = self.top_k * self.host.expert_bytes
-            raise CacheBudgetError(
-                f"budget {config.budget} ({budget_bytes} bytes) holds {num_slots} experts; a layer can select "
-                f"{self.top_k} (top-k) at once, so the smallest budget is {need} bytes "
-                f"({need / total:.4f} of all {total} expert bytes)"
-            )
+        num_slots, self.budget_bytes = slots_for_budget(config, self.host, self.top_k)
         self.num_slots = num_slots
-        self.budget_bytes = budget_bytes
         options = {"trace": trace} if trace is not None else {}
         options.update(extra_policy_options or {})
         self.policy = make_policy(
@@ -191,25 +229,8 @@ class OffloadEngine:
             for name in self.adapter.expert_params:
                 setattr(layer.experts, name, nn.Parameter(torch.empty(0), requires_grad=False))
 
-    @torch.no_grad()
     def _measure_layer_time(self) -> float:
-        """One decoder layer's decode time on this device: the plain model (all experts, eager
-        loop), median decode step / number of decoder layers. Runs before the experts are dropped."""
-        self.model.set_experts_implementation("eager")
-        self.model.to(self.device)
-        ids = torch.tensor([self._calibration_ids()], device=self.device)
-
-        def run(new_tokens: int) -> float:
-            t0 = time.perf_counter()
-            self._generate_ids(ids, new_tokens, do_sample=False, seed=0)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            return time.perf_counter() - t0
-
-        run(4)  # warm-up
-        estimates = sorted((run(13) - run(1)) / 12 for _ in range(3))  # decode steps only
-        self.model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
-        return max(estimates[1], 1e-6) / self.model.config.num_hidden_layers
+        return measure_layer_time(self.model, calibration_ids(self.tokenizer, self.model.config), self.device)
 
     def _calibrate_link(self) -> None:
         """Set the emulated link's bandwidth (given, or from the ratio and the measured layer time)."""
@@ -226,12 +247,6 @@ class OffloadEngine:
             f"{self.layer_time_s * 1e3:.3f} ms" if self.layer_time_s else "n/a",
             1e3 * self.host.expert_bytes / bandwidth,
         )
-
-    def _calibration_ids(self) -> list[int]:
-        if self.tokenizer is not None:
-            return self.tokenizer("The expert cache calibrates its link.").input_ids
-        vocab = self.model.config.vocab_size
-        return [(7 * i + 3) % vocab for i in range(8)]
 
     def reset(self) -> None:
         """Empty the cache (resident experts stay for `resident`), clear statistics and traces."""

@@ -72,6 +72,8 @@ class ExpertCache:
         self._stop = False
         self._error: BaseException | None = None
         policy.contains = self.contains
+        owned = policy.ctx.layers  # a pipeline stage's shard: plans may name other stages' layers
+        self._owned: frozenset[int] | None = None if owned is None else frozenset(owned)
         self._worker = threading.Thread(target=self._run, name=f"{name}-link", daemon=True)
         self._worker.start()
 
@@ -211,7 +213,7 @@ class ExpertCache:
         if not self.policy.ctx.prefetch:
             return None
         for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
-            if self.contains(want.key):
+            if self.contains(want.key) or (self._owned is not None and want.key[0] not in self._owned):
                 continue
             slot = self._take_slot(want.key, want)
             if slot is not None:

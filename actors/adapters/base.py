@@ -44,8 +44,20 @@ class ArchitectureAdapter(ABC):
     model_types: tuple[str, ...] = ()
     #: Parameter names on the experts module that hold per-expert weights, first dim = expert.
     expert_params: tuple[str, ...] = ("gate_up_proj", "down_proj")
+    #: How the family's decoder picks each layer's attention mask (mirrors its ``Model.forward``):
+    #: "full" (always causal), "sliding_window" (sliding for every layer when ``config.sliding_window``
+    #: is set) or "layer_types" (``config.layer_types[i]``). A pipeline stage rebuilds the masks itself.
+    mask_rule: str = "full"
 
     # --- model shape -------------------------------------------------------------------------
+    def attention_type(self, config: Any, decoder_index: int) -> str:
+        """'full_attention' or 'sliding_attention' for one decoder layer, as the family's forward decides."""
+        if self.mask_rule == "layer_types" and getattr(config, "layer_types", None):
+            return config.layer_types[decoder_index]
+        if self.mask_rule == "sliding_window" and getattr(config, "sliding_window", None) is not None:
+            return "sliding_attention"
+        return "full_attention"
+
     def num_experts(self, config: Any) -> int:
         return int(getattr(config, "num_local_experts", None) or config.num_experts)
 

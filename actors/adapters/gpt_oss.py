@@ -17,6 +17,7 @@ from actors.adapters.base import ArchitectureAdapter, aligned, sparse_block
 
 class GptOssAdapter(ArchitectureAdapter):
     model_types = ("gpt_oss",)
+    mask_rule = "layer_types"
     expert_params = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 
     def moe_block(self, decoder_layer):

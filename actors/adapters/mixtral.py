@@ -7,6 +7,7 @@ from actors.adapters.base import ArchitectureAdapter, gated_from_three
 
 class MixtralAdapter(ArchitectureAdapter):
     model_types = ("mixtral",)
+    mask_rule = "sliding_window"
 
     def moe_block(self, decoder_layer):
         return decoder_layer.mlp

@@ -15,6 +15,7 @@ from actors.adapters.base import ArchitectureAdapter, gated_from_three, sparse_b
 
 class PhimoeAdapter(ArchitectureAdapter):
     model_types = ("phimoe",)
+    mask_rule = "sliding_window"
 
     def moe_block(self, decoder_layer):
         return sparse_block(decoder_layer.mlp)

@@ -14,6 +14,7 @@ from actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_b
 
 class Qwen2MoeAdapter(ArchitectureAdapter):
     model_types = ("qwen2_moe",)
+    mask_rule = "layer_types"
 
     def moe_block(self, decoder_layer):
         return sparse_block(decoder_layer.mlp)

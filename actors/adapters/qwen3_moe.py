@@ -12,6 +12,7 @@ from actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_b
 
 class Qwen3MoeAdapter(ArchitectureAdapter):
     model_types = ("qwen3_moe",)
+    mask_rule = "sliding_window"
 
     def moe_block(self, decoder_layer):
         return sparse_block(decoder_layer.mlp)

@@ -52,6 +52,13 @@ class PolicyContext:
     num_slots: int  # cache capacity in experts
     prefetch: bool = True  # False: eviction rule alone (ablation)
     options: dict[str, Any] = field(default_factory=dict)
+    #: The MoE layers whose experts this cache holds (a pipeline stage's shard); None: all L.
+    #: Layer indices stay global: a stage's policy still sees the trajectory of earlier stages.
+    layers: tuple[int, ...] | None = None
+
+    @property
+    def owned_layers(self) -> tuple[int, ...]:
+        return tuple(range(self.num_layers)) if self.layers is None else self.layers
 
 
 @dataclass(frozen=True)

@@ -47,15 +47,14 @@ class Fate(Policy):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.quotas = layer_quotas(ctx.num_layers, ctx.num_experts, ctx.top_k, ctx.num_slots)
-        self.arcs = [ARC(q) for q in self.quotas]
-        self.count = [0] * ctx.num_layers
-        self._plan: list[Prefetch] = []
+        owned = ctx.owned_layers  # quotas over the layers this cache holds (shallowest first)
+        self.quotas = dict(zip(owned, layer_quotas(len(owned), ctx.num_experts, ctx.top_k, ctx.num_slots)))
+        self.reset()
 
     def reset(self):
         super().reset()
-        self.arcs = [ARC(q) for q in self.quotas]
-        self.count = [0] * self.ctx.num_layers
+        self.arcs = {layer: ARC(q) for layer, q in self.quotas.items()}
+        self.count = dict.fromkeys(self.quotas, 0)
         self._plan = []
 
     def on_router(self, event):
@@ -87,9 +86,9 @@ class Fate(Policy):
         layer = incoming[0] if incoming is not None else None
         # within quota: take from the most over-quota layer; at quota: from the incoming layer itself
         if layer is None or self.count[layer] < self.quotas[layer]:
-            over = sorted(range(self.ctx.num_layers), key=lambda i: self.quotas[i] - self.count[i])
+            over = sorted(self.quotas, key=lambda i: self.quotas[i] - self.count[i])
         else:
-            over = [layer] + [i for i in range(self.ctx.num_layers) if i != layer]
+            over = [layer] + [i for i in self.quotas if i != layer]
         for i in over:
             mine = [k for k in candidates if k[0] == i]
             if mine:

@@ -1,0 +1,382 @@
+"""One pipeline stage: a contiguous shard of decoder layers on one device, with that device's
+expert cache, transfer engine and prediction policy. A plain class (no Ray): ``cluster/`` runs
+one per GPU inside a Ray actor, tests chain them in-process.
+
+What travels between stages is a ``MicroBatch``: one ``Step`` per request (that request's
+iteration: its prompt at prefill, one token at decode). A step carries its activations, the
+iteration's semantic embedding (stage 0 computes it from the token embeddings) and the
+*trajectory*: the pooled router distribution of every MoE layer run so far in this iteration, so
+a downstream stage's policy predicts from all earlier layers, not only its own. The last stage
+turns the activations into the next token (``TokenSampler``: generate()'s own rules).
+
+Each request's KV cache lives on the stage that owns its layers, keyed by the request id, from
+its prefill until a micro-batch lists it in ``release``. Requests of one micro-batch run one
+after the other through the stage's layers (no padding, so every request's numbers are exactly
+those of running it alone), and share the expert cache: an expert loaded for one is a hit for
+the next.
+
+Lifecycle: ``PipelineStage(config, spec)`` loads; ``warm_up``; ``forward`` (many times);
+``health``; ``stats``; ``close``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from actors.cache_stats import CacheStats
+from actors.checkpoint import CheckpointReader
+from actors.config import EngineConfig
+from actors.engine import (
+    _load_tokenizer,
+    calibration_ids,
+    load_plain_model,
+    measure_layer_time,
+    open_model_folder,
+    slots_for_budget,
+)
+from actors.expert_cache import ExpertCache
+from actors.host_store import HostExpertStore
+from actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner
+from actors.recorder import RoutingRecorder
+from actors.sampling import SamplingParams, TokenSampler
+from actors.slot_pool import SlotPool
+from actors.transfer import EmulatedLink, make_transfer
+from predictor.policies import PolicyContext, make_policy
+from predictor.policies.base import RouterEvent
+
+logger = logging.getLogger(__name__)
+
+
+class StageStateError(RuntimeError):
+    """A step arrived for a request this stage holds no (or another) KV cache for."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    index: int  # 0..count-1
+    count: int  # stages in the pipeline
+    start: int  # first decoder layer (inclusive)
+    end: int  # last decoder layer (exclusive)
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
+def split_layers(num_layers: int, stages: int, split: list[int] | None = None) -> list[StageSpec]:
+    """Contiguous shards: ``split`` gives each stage's number of decoder layers; by default even
+    (the first ``num_layers % stages`` stages take one more)."""
+    if stages < 1:
+        raise ValueError(f"stages={stages}: a pipeline needs at least one stage")
+    if split is None:
+        if stages > num_layers:
+            raise ValueError(f"{stages} stages for {num_layers} decoder layers: every stage needs at least one layer")
+        base, extra = divmod(num_layers, stages)
+        split = [base + (i < extra) for i in range(stages)]
+    if len(split) != stages or sum(split) != num_layers or min(split) < 1:
+        raise ValueError(
+            f"layer split {split}: needs {stages} positive counts summing to the model's {num_layers} decoder layers"
+        )
+    specs, start = [], 0
+    for i, n in enumerate(split):
+        specs.append(StageSpec(i, stages, start, start + n))
+        start += n
+    return specs
+
+
+@dataclass
+class Step:
+    """One request's iteration as it travels through the stages."""
+
+    rid: str
+    start: int  # tokens of this request already in the KV caches (position of the first new token)
+    token_ids: list[int]  # the iteration's new tokens: the prompt at prefill, one token at decode
+    sampling: SamplingParams | None = None  # set at prefill (the last stage keeps its sampler)
+    hidden: torch.Tensor | None = None  # [1, T, H] activations leaving the previous stage
+    embedding: torch.Tensor | None = None  # [1, D] semantic embedding (stage 0 sets it)
+    trajectory: np.ndarray | None = None  # [l, J] pooled router distribution of MoE layers run so far
+    token: int | None = None  # the last stage's choice
+    stage_s: list[float] = field(default_factory=list)  # compute seconds on each stage
+
+
+@dataclass
+class MicroBatch:
+    steps: list[Step]
+    release: list[str] = field(default_factory=list)  # finished requests: free their KV caches
+
+
+@dataclass
+class _RequestState:
+    cache: object  # transformers DynamicCache over the model's layers (this stage fills its own)
+    length: int = 0
+    sampler: TokenSampler | None = None
+
+
+class PipelineStage:
+    def __init__(
+        self,
+        config: EngineConfig,
+        spec: StageSpec,
+        layer_time_s: float | None = None,
+        policy_options: dict | None = None,
+        progress: bool = False,
+    ):
+        self.config = config
+        self.spec = spec
+        self.device = torch.device(config.device)
+        folder = Path(config.model)
+        self.hf_config, self.adapter = open_model_folder(folder)
+        model = load_plain_model(folder, config.dtype, EXPERTS_IMPLEMENTATION)
+        self.tokenizer = _load_tokenizer(folder)
+        decoder_layers = self.adapter.decoder_layers(model)
+        if spec.end > len(decoder_layers):
+            raise ValueError(f"stage {spec} ends past the model's {len(decoder_layers)} decoder layers")
+        all_moe = self.adapter.moe_layers(model)
+        self.num_moe_layers = len(all_moe)
+        self.moe = [m for m in all_moe if spec.start <= m.decoder_index < spec.end]
+        self.num_experts = self.adapter.num_experts(self.hf_config)
+        self.top_k = self.adapter.top_k(self.hf_config)
+        self.moe_before = sum(1 for m in all_moe if m.decoder_index < spec.start)  # trajectory rows expected
+
+        mode = config.link.mode
+        if mode == "auto":
+            mode = "cuda" if self.device.type == "cuda" else "emulated"
+        self.link_mode = mode
+        self.layer_time_s = layer_time_s
+        needs_time = mode == "emulated" and config.link.bandwidth_bytes_per_s is None
+        if needs_time and config.link.copy_layer_ratio is None:
+            raise ValueError("emulated link needs copy_layer_ratio or bandwidth_bytes_per_s")
+        if needs_time and layer_time_s is None:
+            self.layer_time_s = measure_layer_time(model, calibration_ids(self.tokenizer, self.hf_config), self.device)
+
+        self.model = model
+        self._keep_shard(decoder_layers)
+        self.layers = [decoder_layers[i] for i in range(spec.start, spec.end)]
+        self.model.to(self.device)
+        dtype = next(self.model.parameters()).dtype
+
+        pin = self.device.type == "cuda" and config.pin_host_memory
+        self.host = HostExpertStore(
+            self.adapter, CheckpointReader(folder), self.moe, self.num_experts, dtype, pin, progress
+        )
+        self.num_slots, self.budget_bytes = slots_for_budget(config, self.host, self.top_k)
+        ctx = PolicyContext(
+            self.num_moe_layers, self.num_experts, self.top_k, self.num_slots, config.prefetch,
+            dict(policy_options or {}), layers=tuple(m.index for m in self.moe),
+        )  # fmt: skip
+        self.policy = make_policy(config.policy, ctx)
+        self.pool = SlotPool(self.num_slots, self.host.shapes, dtype, self.device)
+        first = make_transfer("cuda" if mode == "cuda" else "instant", self.pool, self.device, None)
+        self.cache = ExpertCache(
+            self.pool, first, self.policy, self.host.at_precision, self.host.expert_bytes,
+            name=f"stage{spec.index}", precision_bytes=self.host.precision_bytes,
+        )  # fmt: skip
+        self.bandwidth: float | None = None
+        if mode == "emulated":
+            self.bandwidth = config.link.bandwidth_bytes_per_s or self.host.expert_bytes / (
+                config.link.copy_layer_ratio * self.layer_time_s
+            )
+            self.cache.transfer = EmulatedLink(self.pool, self.bandwidth)
+        self.runner = ExpertRunner(self.adapter, self.cache, self.policy.on_layer_start)
+        self.runner.num_layers = self.num_moe_layers
+        for m in self.moe:
+            m.experts._expertmap_layer = m.index
+            m.experts._expertmap_runner = self.runner
+        self.recorder = RoutingRecorder(self.adapter, self.moe, on_router=self.policy.on_router)
+        self.recorder.keep = False
+        self.attention_types = [self.adapter.attention_type(self.hf_config, i) for i in range(spec.start, spec.end)]
+        if self.policy.all_resident:
+            self.cache.preload(self.host.keys())
+        self.requests: dict[str, _RequestState] = {}
+        self.iteration = -1
+        self.busy_s = 0.0
+        self.steps_done = 0
+        self._lock = threading.Lock()  # one forward at a time (a Ray actor may run health checks beside it)
+        self._started = time.perf_counter()
+        logger.info(
+            "stage %d/%d ready: decoder layers %d..%d, %d MoE layers, %d slots (%.1f%% of its %d experts), "
+            "policy %s, link %s",
+            spec.index + 1, spec.count, spec.start, spec.end - 1, len(self.moe), self.num_slots,
+            100 * self.num_slots / max(1, len(self.host)), len(self.host), config.policy, mode,
+        )  # fmt: skip
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def _keep_shard(self, decoder_layers: nn.ModuleList) -> None:
+        """Drop what other stages own: their decoder layers, the embedding (unless first or tied to
+        the head of the last stage), the final norm and head (unless last); the fused experts."""
+        spec = self.spec
+        for i in range(len(decoder_layers)):
+            if not spec.start <= i < spec.end:
+                decoder_layers[i] = nn.Identity()
+        inner = self.model.model
+        tied = self.model.get_output_embeddings() is not None and (
+            self.model.get_output_embeddings().weight is inner.embed_tokens.weight
+        )
+        if not spec.first and not (spec.last and tied):
+            inner.embed_tokens = nn.Identity()
+        if not spec.last:
+            inner.norm = nn.Identity()
+            self.model.lm_head = nn.Identity()
+        for m in self.moe:
+            for name in self.adapter.expert_params:
+                setattr(m.experts, name, nn.Parameter(torch.empty(0), requires_grad=False))
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One short prefill and decode through this stage's layers alone, then forget it."""
+        if not self.spec.first:
+            return
+        ids = calibration_ids(self.tokenizer, self.hf_config)[:4]
+        mb = MicroBatch([Step("__warm_up__", 0, ids, SamplingParams(max_new_tokens=1))])
+        self.forward(mb)
+        self.forward(MicroBatch([], release=["__warm_up__"]))
+
+    def health(self) -> dict:
+        return {"stage": self.spec.index, "requests": len(self.requests), "iteration": self.iteration}
+
+    def close(self) -> None:
+        self.cache.close()
+        self.policy.close()
+
+    # --- the step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, mb: MicroBatch) -> MicroBatch:
+        with self._lock:
+            for rid in mb.release:
+                self.requests.pop(rid, None)
+            for step in mb.steps:
+                t0 = time.perf_counter()
+                self._run_step(step)
+                dt = time.perf_counter() - t0
+                step.stage_s.append(dt)
+                self.busy_s += dt
+                self.steps_done += 1
+        return mb
+
+    def _state(self, step: Step) -> _RequestState:
+        state = self.requests.get(step.rid)
+        if state is None:
+            if step.start != 0:
+                raise StageStateError(
+                    f"stage {self.spec.index} holds no KV cache for request {step.rid!r} at position {step.start} "
+                    "(the stage was restarted, or the request was released): the request must start again"
+                )
+            sampler = None
+            if self.spec.last:
+                params = step.sampling or SamplingParams()
+                sampler = TokenSampler(params, len(step.token_ids), self.model.generation_config, self.device)
+                sampler.ids = list(step.token_ids)  # later steps feed back the sampler's own tokens
+            from transformers import DynamicCache
+
+            state = _RequestState(DynamicCache(config=self.hf_config), 0, sampler)
+            self.requests[step.rid] = state
+            self.policy.on_request_start()
+        elif state.length != step.start:
+            raise StageStateError(
+                f"stage {self.spec.index}: request {step.rid!r} has {state.length} cached tokens, "
+                f"the step starts at {step.start}"
+            )
+        return state
+
+    def _run_step(self, step: Step) -> None:
+        state = self._state(step)
+        ids = torch.tensor([step.token_ids], device=self.device)  # [1, T]
+        self.iteration += 1
+        if self.spec.first:
+            hidden = self.model.model.embed_tokens(ids)  # [1, T, H]
+            step.embedding = hidden.detach().float().mean(dim=1)  # [1, D]
+        else:
+            hidden = step.hidden.to(self.device)
+        self.policy.on_iteration_start(self.iteration, step.embedding)
+        self.recorder.begin((1, ids.shape[1]), step.embedding)
+        self._replay_trajectory(step.trajectory)
+        self.cache.poke()
+        hidden = self._layers(hidden, state.cache, step.start)
+        record = self.recorder.finish_iteration(self.iteration)
+        if record is not None and len(self.moe):
+            own = record.expert_map[0]  # [L_own, J]
+            step.trajectory = own if step.trajectory is None else np.concatenate([step.trajectory, own])
+        self.policy.on_iteration_end(self.iteration)
+        state.length += ids.shape[1]
+        if self.spec.last:
+            hidden = self.model.model.norm(hidden)
+            logits = self.model.lm_head(hidden[:, -1:, :])[:, -1, :]  # [1, V]
+            step.token = state.sampler.next_token(logits)
+            step.hidden = None
+        else:
+            step.hidden = hidden
+
+    def _replay_trajectory(self, trajectory: np.ndarray | None) -> None:
+        """Show the policy what earlier stages' routers chose in this iteration (no gate: the
+        next layer's router input is not known here)."""
+        rows = 0 if trajectory is None else len(trajectory)
+        if rows != self.moe_before:
+            raise StageStateError(
+                f"stage {self.spec.index} expects the trajectory of {self.moe_before} earlier MoE layers, got {rows}"
+            )
+        for layer in range(rows):
+            self.policy.on_router(RouterEvent(layer, torch.from_numpy(trajectory[layer])[None]))
+            self.policy.pos.layer = layer
+
+    def _layers(self, hidden: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """This stage's decoder layers, with the masks and rotary embeddings the family's own
+        ``Model.forward`` would give them at these positions."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        T = hidden.shape[1]
+        position_ids = torch.arange(start, start + T, device=self.device)[None]  # [1, T]
+        attention_mask = torch.ones(1, start + T, dtype=torch.long, device=self.device)  # generate()'s mask
+        masks = {}
+        for kind, fn in (("full_attention", create_causal_mask), ("sliding_attention", create_sliding_window_causal_mask)):
+            if kind in self.attention_types:
+                first = self.spec.start + self.attention_types.index(kind)
+                masks[kind] = fn(
+                    config=self.hf_config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+                    position_ids=position_ids, layer_idx=first,
+                )  # fmt: skip
+        position_embeddings = self.model.model.rotary_emb(hidden, position_ids)
+        for layer, kind in zip(self.layers, self.attention_types):
+            hidden = layer(
+                hidden, attention_mask=masks[kind], position_ids=position_ids, cache=cache, use_cache=True,
+                position_embeddings=position_embeddings,
+            )  # fmt: skip
+        return hidden
+
+    # --- figures --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        s: CacheStats = self.cache.snapshot_stats()
+        wall = time.perf_counter() - self._started
+        return {
+            "stage": self.spec.index,
+            "layers": [self.spec.start, self.spec.end],
+            "slots": self.num_slots,
+            "hits": s.hits,
+            "accesses": s.accesses,
+            "misses": s.misses,
+            "hit_rate": s.hit_rate,
+            "stall_s": s.stall_s,
+            "bytes_moved": s.bytes_moved,
+            "busy_s": self.busy_s,
+            "busy_frac": self.busy_s / wall if wall > 0 else 0.0,
+            "steps": self.steps_done,
+            "requests": len(self.requests),
+        }
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.cache.clear(keep_all=self.policy.all_resident)
+            self.busy_s = 0.0
+            self.steps_done = 0
+            self._started = time.perf_counter()
