@@ -30,11 +30,14 @@ class StoreReplica:
         with self._lock:
             self._calls += 1
             if self._index is None or self._calls % self.refresh_every == 0:
-                version = self.store.version
-                if version != self._version:
-                    embeddings, maps = self.store.arrays()
-                    self._index = SearchIndex(embeddings, maps) if len(embeddings) else None
-                    self._version = version
+                try:
+                    version = self.store.version
+                    if version != self._version:
+                        embeddings, maps = self.store.arrays()
+                        self._index = SearchIndex(embeddings, maps) if len(embeddings) else None
+                        self._version = version
+                except Exception as exc:  # store or service away: keep searching what we have
+                    logger.debug("replica refresh failed (%s); keeping the previous index", exc)
             return self._index
 
     def publish(self, embedding: np.ndarray, expert_map: np.ndarray) -> None:

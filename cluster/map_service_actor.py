@@ -1,0 +1,110 @@
+"""The expert-map service as one named Ray actor, and the store view a stage's replica reads.
+
+``map_service(...)`` gets or creates the cluster's service actor (one per Ray namespace and store
+name). ``ServiceStoreClient`` gives a stage's ``StoreReplica`` the store interface it expects
+(``version``, ``arrays``, ``add``): ``version`` is asked at most every ``sync_interval_s`` (the
+replica rebuilds its search index only when it moved), ``add`` is fire-and-forget, so no
+per-layer network round trip sits on the critical path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+
+from actors.map_service import ExpertMapService
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "expertmap-map-service"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)
+class MapServiceActor:
+    def __init__(self, shape: dict, redis_url: str | None, namespace: str, capacity: int, max_pending: int):
+        logging.basicConfig(level=logging.INFO)
+        if redis_url:
+            from predictor.map_store_redis import RedisMapStore
+
+            def open_store():
+                return RedisMapStore(redis_url, namespace, capacity=capacity, **shape)
+        else:
+            from predictor.map_store_memory import InMemoryMapStore
+
+            def open_store():
+                return InMemoryMapStore(capacity=capacity, **shape)
+
+        self.service = ExpertMapService(open_store, max_pending=max_pending)
+        self.shape = shape
+
+    def add(self, embedding, expert_map) -> bool:
+        return self.service.add(embedding, expert_map)
+
+    def version(self):
+        return self.service.version()
+
+    def arrays(self):
+        return self.service.arrays()
+
+    def status(self) -> dict:
+        return {**self.service.status(), "pid": os.getpid()}
+
+    def flush(self) -> int:
+        return self.service.flush()
+
+    def describe(self) -> dict:
+        return self.shape
+
+
+def map_service(shape: dict, redis_url: str | None, namespace: str = "expertmap", capacity: int = 1000,
+                max_pending: int = 10_000, name: str = SERVICE_NAME):  # fmt: skip
+    """The named service actor (created on first use; later callers share it)."""
+    handle = MapServiceActor.options(name=name, get_if_exists=True, lifetime=None).remote(
+        shape, redis_url, namespace, capacity, max_pending
+    )
+    found = ray.get(handle.describe.remote())
+    if found != shape:
+        raise ValueError(f"expert-map service {name!r} serves maps of shape {found}, this model needs {shape}")
+    return handle
+
+
+class ServiceStoreClient:
+    """What a stage's ``StoreReplica`` reads, backed by the service actor."""
+
+    def __init__(self, handle, sync_interval_s: float = 1.0, timeout_s: float = 5.0):
+        self.handle = handle
+        self.sync_interval_s = sync_interval_s
+        self.timeout_s = timeout_s
+        self._version = None
+        self._asked = 0.0
+        self.publish_errors = 0
+        self._warned = False
+
+    @property
+    def version(self):
+        now = time.monotonic()
+        if now - self._asked >= self.sync_interval_s:
+            self._asked = now
+            try:
+                self._version = ray.get(self.handle.version.remote(), timeout=self.timeout_s)
+            except Exception as exc:  # the service restarting: keep predicting from the replica we have
+                self._warn(exc)
+        return self._version
+
+    def arrays(self):
+        return ray.get(self.handle.arrays.remote(), timeout=self.timeout_s)
+
+    def add(self, embedding, expert_map) -> None:
+        try:
+            self.handle.add.remote(embedding, expert_map)
+        except Exception as exc:  # pragma: no cover - submission itself rarely fails
+            self.publish_errors += 1
+            self._warn(exc)
+
+    def _warn(self, exc: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning("expert-map service not answering (%s); predictions use the local replica", exc)

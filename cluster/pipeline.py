@@ -1,0 +1,410 @@
+"""The pipeline: N stage actors (one per GPU bundle), the expert-map service, and the scheduler
+that keeps every stage busy.
+
+Continuous batching across the pipeline: requests join and leave between iterations. The
+scheduler groups the requests whose next iteration can run into micro-batches of about
+``active / (N + 1)`` requests and keeps up to N + 1 micro-batches in flight, each a chain of
+actor calls stage 0 -> ... -> stage N-1 whose intermediate results pass from actor to actor
+without coming back here. While stage k runs one micro-batch, stage k-1 runs the next. When a
+micro-batch returns, its requests get their tokens; finished ones are released on every stage
+(their KV caches freed) with the next micro-batch, the rest are ready for their next iteration.
+
+A stage that dies (its process killed, its node lost) is restarted by Ray (``max_restarts``) and
+reloads its shard; the KV caches it held are gone, so the requests in flight then either start
+again from their prompt (those that have not produced a token: nobody saw anything yet) or end
+with ``StageFailedError`` naming the stage (those that have: a retry would change what the
+client already received). The pipeline keeps serving without a restart of the app.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.config import EngineConfig
+from actors.sampling import SamplingParams
+from actors.stage import MicroBatch, Step, split_layers
+from cluster.placement import STRATEGIES, bundle_nodes, bundle_strategy, stage_placement_group
+
+logger = logging.getLogger(__name__)
+
+MAP_POLICIES = ("finemoe", "hybrid")  # policies that read the expert-map store
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig = EngineConfig()
+    gpus: int = Field(default=1, ge=1)  # stages, one per GPU
+    split: list[int] | None = None  # decoder layers per stage; None: even
+    placement: str = "PACK"
+    max_batch: int = Field(default=8, ge=1)  # requests per micro-batch at most
+    redis_url: str | None = None  # None: the embedded in-process store inside the service actor
+    store_namespace: str = "expertmap"
+    store_capacity: int = Field(default=1000, ge=1, le=4096)
+    prefetch_distance: int = Field(default=3, ge=1)
+    sync_interval_s: float = Field(default=1.0, gt=0)  # how often a stage's replica asks for a new version
+    torch_threads: int | None = 1  # intra-op threads per stage on a CPU device (None: torch's default)
+    ready_timeout_s: float = Field(default=900.0, gt=0)
+
+    def model_post_init(self, _):
+        if self.placement not in STRATEGIES:
+            raise ValueError(f"placement {self.placement!r}: choose one of {', '.join(STRATEGIES)}")
+
+
+class StageFailedError(RuntimeError):
+    """A stage died while the request had produced tokens: it cannot be continued exactly."""
+
+
+class PipelineClosedError(RuntimeError):
+    pass
+
+
+class PipelineRequest:
+    """One request's progress; ``result()`` waits for its tokens."""
+
+    def __init__(self, rid: str, prompt: list[int], params: SamplingParams, eos_ids: set[int],
+                 on_token: Callable[[int], None] | None = None):  # fmt: skip
+        self.rid = rid
+        self.prompt = prompt
+        self.params = params
+        self.eos_ids = eos_ids
+        self.on_token = on_token
+        self.tokens: list[int] = []
+        self.token_times: list[float] = []
+        self.submitted_at = time.perf_counter()
+        self.finish_reason: str | None = None  # "length", "stop", "cancelled", "error"
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._cancel = threading.Event()
+        self.attempt = 0
+        self.start = 0  # tokens in the stages' KV caches
+        self.next_ids: list[int] = prompt
+
+    @property
+    def key(self) -> str:  # the id the stages know this attempt by
+        return f"{self.rid}#{self.attempt}"
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.rid} not finished after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.tokens
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.token_times[0] - self.submitted_at if self.token_times else None
+
+    @property
+    def tpot_s(self) -> list[float]:
+        return [b - a for a, b in itertools.pairwise(self.token_times)]
+
+    # --- scheduler side ------------------------------------------------------------------------
+    def step(self) -> Step:
+        first = self.start == 0
+        return Step(self.key, self.start, list(self.next_ids), self.params if first else None)
+
+    def deliver(self, token: int) -> bool:
+        """Record a token; True when the request is finished."""
+        self.start += len(self.next_ids)
+        self.tokens.append(token)
+        self.token_times.append(time.perf_counter())
+        self.next_ids = [token]
+        if self.on_token is not None:
+            try:
+                self.on_token(token)
+            except Exception:  # a consumer's error must not stop the scheduler
+                logger.exception("on_token callback of request %s failed; cancelling it", self.rid)
+                self.cancel()
+        if self.cancelled:
+            self.finish_reason = "cancelled"
+        elif len(self.tokens) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        elif token in self.eos_ids and len(self.tokens) >= self.params.min_new:
+            self.finish_reason = "stop"
+        return self.finish_reason is not None
+
+    def restart(self) -> None:
+        self.attempt += 1
+        self.start = 0
+        self.next_ids = self.prompt
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.finish_reason = "error"
+        self.done.set()
+
+
+class _SchedulerMetrics:
+    def __init__(self):
+        from ray.util import metrics
+
+        self.waiting = metrics.Gauge("expertmap_scheduler_waiting", "requests ready for their next iteration")
+        self.inflight = metrics.Gauge("expertmap_scheduler_inflight_microbatches", "micro-batches in the pipeline")
+        self.active = metrics.Gauge("expertmap_scheduler_active_requests", "requests being generated")
+        self.failures = metrics.Counter("expertmap_scheduler_stage_failures_total", "stage deaths seen")
+
+
+class Scheduler:
+    """Continuous batching over a chain of stage actors (see the module docstring)."""
+
+    def __init__(self, stages: list, max_batch: int = 8):
+        self.stages = stages
+        self.max_batch = max_batch
+        self.depth = len(stages) + 1  # micro-batches in flight
+        self._cv = threading.Condition()
+        self._new: deque[PipelineRequest] = deque()
+        self._ready: deque[PipelineRequest] = deque()
+        self._active: dict[str, PipelineRequest] = {}
+        # micro-batch result -> (its requests with their attempt numbers, the keys it releases)
+        self._inflight: dict[ray.ObjectRef, tuple[list[tuple[PipelineRequest, int]], list[str]]] = {}
+        self._release: list[str] = []
+        self._stop = False
+        self.stage_failures = 0
+        self.microbatches = 0
+        self.metrics = _SchedulerMetrics()
+        self._thread = threading.Thread(target=self._loop, name="pipeline-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: PipelineRequest) -> PipelineRequest:
+        with self._cv:
+            if self._stop:
+                raise PipelineClosedError("the pipeline is shut down")
+            self._new.append(request)
+            self._cv.notify_all()
+        return request
+
+    @property
+    def active(self) -> int:
+        with self._cv:
+            return len(self._active) + len(self._new)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+        for req in list(self._active.values()) + list(self._new):
+            if not req.done.is_set():
+                req.fail(PipelineClosedError("the pipeline shut down before the request finished"))
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if self._stop:
+                    return
+                while self._new:
+                    req = self._new.popleft()
+                    self._active[req.rid] = req
+                    self._ready.append(req)
+                if not self._inflight and not self._ready and not self._release:
+                    self._cv.wait(timeout=0.1)
+                    continue
+            try:
+                self._launch()
+                if self._inflight:
+                    done, _ = ray.wait(list(self._inflight), num_returns=1, timeout=0.05)
+                    for ref in done:
+                        self._complete(ref)
+                self.metrics.waiting.set(len(self._ready))
+                self.metrics.inflight.set(len(self._inflight))
+                self.metrics.active.set(len(self._active))
+            except Exception:  # never die silently: fail what is in flight, keep serving
+                logger.exception("scheduler error; failing the requests in flight")
+                for req in list(self._active.values()):
+                    self._finish(req, error=RuntimeError("internal scheduler error; see the server log"))
+                self._inflight.clear()
+                self._ready.clear()
+
+    def _chain(self, mb: MicroBatch) -> ray.ObjectRef:
+        ref = mb
+        for stage in self.stages:
+            ref = stage.forward.remote(ref)
+        return ref
+
+    def _launch(self) -> None:
+        while self._ready and len(self._inflight) < self.depth:
+            size = min(self.max_batch, max(1, math.ceil(len(self._active) / self.depth)))
+            take = []
+            while self._ready and len(take) < size:
+                req = self._ready.popleft()
+                if req.cancelled and req.start > 0:  # between iterations: stop here
+                    req.finish_reason = "cancelled"
+                    self._finish(req)
+                    continue
+                take.append(req)
+            if not take:
+                break
+            mb = MicroBatch([r.step() for r in take], release=self._release)
+            self._release = []
+            self._inflight[self._chain(mb)] = ([(r, r.attempt) for r in take], mb.release)
+            self.microbatches += 1
+        if self._release and not self._inflight:  # nothing else will carry them: a release-only batch
+            mb = MicroBatch([], release=self._release)
+            self._release = []
+            self._inflight[self._chain(mb)] = ([], mb.release)
+
+    def _complete(self, ref: ray.ObjectRef) -> None:
+        reqs, _ = self._inflight.pop(ref)
+        try:
+            mb: MicroBatch = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            self._stage_died(exc)
+            return
+        except ray.exceptions.RayTaskError as exc:  # a stage raised for this micro-batch
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            for req, attempt in reqs:
+                if attempt == req.attempt and not req.done.is_set():
+                    self._finish(req, error=RuntimeError(f"pipeline stage error: {cause}"))
+            return
+        for step, (req, attempt) in zip(mb.steps, reqs, strict=True):
+            if attempt != req.attempt or req.done.is_set():
+                continue  # superseded by a restart after a stage failure, or already failed
+            if req.deliver(step.token):
+                self._finish(req)
+            else:
+                self._ready.append(req)
+
+    def _finish(self, req: PipelineRequest, error: BaseException | None = None) -> None:
+        self._active.pop(req.rid, None)
+        if req.start > 0 or error is None:
+            self._release.append(req.key)
+        if error is not None:
+            req.fail(error)
+        else:
+            req.done.set()
+
+    def _stage_died(self, exc: BaseException) -> None:
+        """Every request in flight lost its KV caches on the dead stage."""
+        self.stage_failures += 1
+        self.metrics.failures.inc()
+        logger.error("a pipeline stage died (%s); restarting or failing the requests in flight", exc)
+        for _, release in self._inflight.values():  # their results are void: drop them, keep their releases
+            self._release.extend(release)
+        self._inflight.clear()
+        for req in list(self._active.values()):
+            self._release.append(req.key)  # stale caches on the surviving stages
+            if req.tokens:
+                self._active.pop(req.rid, None)
+                req.fail(StageFailedError(
+                    f"a pipeline stage failed after request {req.rid} produced {len(req.tokens)} tokens; "
+                    f"its KV cache was lost, retry the request ({exc.__class__.__name__})"
+                ))  # fmt: skip
+            else:
+                req.restart()
+        self._ready = deque(r for r in self._active.values())
+
+
+class Pipeline:
+    """Stage actors + map service + scheduler. Needs a running Ray (``ray.init``)."""
+
+    def __init__(self, config: PipelineConfig):
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+        import torch
+
+        from actors.config import require_model_folder
+        from actors.engine import open_model_folder
+        from cluster.stage_actor import StageActor
+
+        self.config = config
+        folder = require_model_folder(config.engine.model)
+        hf_config, adapter = open_model_folder(folder)
+        with torch.device("meta"):  # the layer structure, no weights
+            skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        num_layers = len(adapter.decoder_layers(skeleton))
+        moe = adapter.moe_layers(skeleton)
+        self.shape = {
+            "num_layers": len(moe), "num_experts": adapter.num_experts(hf_config),
+            "embed_dim": int(hf_config.hidden_size), "prefetch_distance": config.prefetch_distance,
+        }  # fmt: skip
+        gen = GenerationConfig.from_pretrained(folder) if (Path(folder) / "generation_config.json").exists() else None
+        eos = (gen.eos_token_id if gen is not None else None) or hf_config.eos_token_id
+        self.eos_ids = set([eos] if isinstance(eos, int) else list(eos or []))
+        self.specs = split_layers(num_layers, config.gpus, config.split)
+
+        self.map_service = None
+        if config.engine.policy in MAP_POLICIES:
+            from cluster.map_service_actor import map_service
+
+            self.map_service = map_service(self.shape, config.redis_url, config.store_namespace, config.store_capacity)
+        self.pg = stage_placement_group(config.gpus, config.placement)
+        engine = config.engine
+        threads = config.torch_threads if config.engine.device == "cpu" else None
+
+        def make(spec, layer_time):
+            return StageActor.options(scheduling_strategy=bundle_strategy(self.pg, spec.index)).remote(
+                engine, spec, layer_time, self.map_service, config.prefetch_distance, config.sync_interval_s, threads
+            )
+
+        link = config.engine.link
+        needs_time = link.mode in ("auto", "emulated") and config.engine.device == "cpu" and link.bandwidth_bytes_per_s is None
+        t0 = time.perf_counter()
+        self.stages = []
+        layer_time = None
+        if needs_time:  # stage 0 measures the layer time once; the others take it (one link ratio for all)
+            self.stages.append(make(self.specs[0], None))
+            layer_time = ray.get(self.stages[0].layer_time_s.remote(), timeout=config.ready_timeout_s)
+        self.layer_time_s = layer_time
+        self.stages += [make(spec, layer_time) for spec in self.specs[len(self.stages):]]
+        ray.get([s.health.remote() for s in self.stages], timeout=config.ready_timeout_s)
+        self.nodes = bundle_nodes(self.pg)
+        logger.info("pipeline of %d stages ready in %.1f s (layers %s, nodes %d)", len(self.stages),
+                    time.perf_counter() - t0, [(s.start, s.end) for s in self.specs], len(set(self.nodes)))  # fmt: skip
+        self.scheduler = Scheduler(self.stages, config.max_batch)
+        self._ids = itertools.count()
+        self._closed = False
+
+    def submit(self, prompt: list[int], params: SamplingParams | None = None,
+               on_token: Callable[[int], None] | None = None) -> PipelineRequest:  # fmt: skip
+        if not prompt:
+            raise ValueError("prompt is empty")
+        req = PipelineRequest(f"r{next(self._ids)}", list(prompt), params or SamplingParams(), self.eos_ids, on_token)
+        return self.scheduler.submit(req)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,
+                 timeout: float | None = None) -> list[list[int]]:  # fmt: skip
+        reqs = [self.submit(p, params) for p in prompts]
+        return [r.result(timeout) for r in reqs]
+
+    def stats(self) -> list[dict]:
+        return ray.get([s.stats.remote() for s in self.stages], timeout=30)
+
+    def health(self, timeout: float = 10.0) -> list[dict]:
+        return ray.get([s.health.remote() for s in self.stages], timeout=timeout)
+
+    def reset_stats(self) -> None:
+        ray.get([s.reset_stats.remote() for s in self.stages])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.scheduler.close()
+        for s in self.stages:
+            try:
+                ray.get(s.shutdown.remote(), timeout=10)
+            except Exception:  # already dead
+                pass
+            ray.kill(s)
+        from ray.util.placement_group import remove_placement_group
+
+        remove_placement_group(self.pg)
