@@ -1,0 +1,103 @@
+"""Pipeline stages in-process (no Ray): a model cut into N shards, requests interleaved in
+micro-batches, gives exactly the tokens of the single-device engine, for every family."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.config import EngineConfig, LinkConfig
+from actors.engine import OffloadEngine
+from actors.sampling import SamplingParams
+from actors.stage import MicroBatch, PipelineStage, StageStateError, Step, split_layers
+from tests.tiny_models import TINY_CONFIGS, save_tiny
+
+INSTANT = LinkConfig(mode="instant", profile="instant")
+NEW = 6
+
+
+def run_pipeline(stages: list[PipelineStage], prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """All prompts in one micro-batch per iteration, through every stage in order."""
+    out: list[list[int]] = [[] for _ in prompts]
+    steps = [Step(str(i), 0, p, params) for i, p in enumerate(prompts)]
+    for _ in range(params.max_new_tokens):
+        mb = MicroBatch(steps)
+        for stage in stages:
+            mb = stage.forward(mb)
+        steps = []
+        for s in mb.steps:
+            out[int(s.rid)].append(s.token)
+            steps.append(Step(s.rid, s.start + len(s.token_ids), [s.token]))
+    release = MicroBatch([], release=[str(i) for i in range(len(prompts))])
+    for stage in stages:
+        stage.forward(release)
+        assert stage.requests == {}  # KV caches freed on every stage
+    return out
+
+
+def engine_tokens(config: EngineConfig, prompts, **gen) -> list[list[int]]:
+    engine = OffloadEngine(config)
+    try:
+        return [engine.generate(p, max_new_tokens=NEW, **gen).token_ids for p in prompts]
+    finally:
+        engine.close()
+
+
+def test_split_layers():
+    assert [(s.start, s.end) for s in split_layers(8, 3)] == [(0, 3), (3, 6), (6, 8)]
+    assert [(s.start, s.end) for s in split_layers(8, 6)] == [(0, 2), (2, 4), (4, 5), (5, 6), (6, 7), (7, 8)]
+    assert [(s.start, s.end) for s in split_layers(8, 2, [5, 3])] == [(0, 5), (5, 8)]
+    with pytest.raises(ValueError, match="every stage needs at least one layer"):
+        split_layers(4, 5)
+    with pytest.raises(ValueError, match=r"layer split \[4, 3\]"):
+        split_layers(8, 2, [4, 3])
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_every_family_split_in_two_matches_the_engine(family, tmp_path):
+    folder = save_tiny(family, tmp_path / family)
+    vocab = TINY_CONFIGS[family]().vocab_size
+    prompts = [[(13 * i + 5 + j) % vocab for i in range(6 + 2 * j)] for j in range(3)]
+    config = EngineConfig(model=folder, policy="on-demand", budget=0.5, link=INSTANT)
+    want = engine_tokens(config, prompts)
+    layers = TINY_CONFIGS[family]().num_hidden_layers
+    stages = [PipelineStage(config, spec) for spec in split_layers(layers, 2)]
+    try:
+        assert run_pipeline(stages, prompts, SamplingParams(max_new_tokens=NEW)) == want
+    finally:
+        for s in stages:
+            s.close()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 6])
+def test_bundled_model_split_n_ways_matches_greedy_and_seeded_sampling(bundled_model, n):
+    tok = bundled_model.tokenizer
+    prompts = [tok(t).input_ids for t in ("The river flows", "def add(a, b):", "Bonjour, je suis")]
+    config = EngineConfig(policy="hybrid", budget=0.25, link=INSTANT)
+    sample = {"do_sample": True, "seed": 7, "temperature": 0.8, "top_p": 0.9}
+    want_greedy = engine_tokens(config, prompts)
+    want_sampled = engine_tokens(config, prompts, **sample)
+    stages = [PipelineStage(config, spec) for spec in split_layers(8, n)]
+    try:
+        assert run_pipeline(stages, prompts, SamplingParams(max_new_tokens=NEW)) == want_greedy
+        assert run_pipeline(stages, prompts, SamplingParams(max_new_tokens=NEW, **sample)) == want_sampled
+        # each stage cached only its own layers' experts
+        for stage in stages:
+            owned = {m.index for m in stage.moe}
+            assert {layer for layer, _ in stage.cache.resident_keys()} <= owned
+            assert stage.stats()["accesses"] > 0
+    finally:
+        for s in stages:
+            s.close()
+
+
+def test_a_step_for_a_lost_kv_cache_is_refused(bundled_model):
+    config = EngineConfig(policy="on-demand", link=INSTANT)
+    (stage,) = [PipelineStage(config, spec) for spec in split_layers(8, 1)]
+    try:
+        with pytest.raises(StageStateError, match="holds no KV cache for request 'x' at position 5"):
+            stage.forward(MicroBatch([Step("x", 5, [3])]))
+        stage.forward(MicroBatch([Step("y", 0, [3, 4], SamplingParams(max_new_tokens=2))]))
+        with pytest.raises(StageStateError, match="has 2 cached tokens, the step starts at 7"):
+            stage.forward(MicroBatch([Step("y", 7, [3])]))
+    finally:
+        stage.close()
