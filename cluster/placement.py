@@ -11,6 +11,7 @@ the network once per node boundary per iteration (``bench/results/scaling`` give
 from __future__ import annotations
 
 import logging
+import uuid
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -37,7 +38,7 @@ def stage_placement_group(gpus: int, strategy: str = "PACK", timeout_s: float = 
             f"the pipeline asks for {gpus} GPUs but the Ray cluster has {have:g}; start Ray with more "
             "(on a CPU machine: declared GPUs, e.g. `ray start --head --num-gpus N`) or lower --gpus"
         )
-    pg = placement_group([{"GPU": 1}] * gpus, strategy=strategy, name="expertmap-stages")
+    pg = placement_group([{"GPU": 1}] * gpus, strategy=strategy, name=f"expertmap-stages-{uuid.uuid4().hex[:8]}")
     if not pg.wait(timeout_s):
         remove_placement_group(pg)
         raise PlacementError(

@@ -1,12 +1,13 @@
-"""The OpenAI-compatible Ray Serve application (first version: one engine, one stage).
+"""The OpenAI-compatible Ray Serve application.
 
     serve run configs/serve.yaml            # Serve imports cluster.serve_app:build_app(args)
     expertmap serve                         # the same, with the bundled defaults
 
-One deployment (FastAPI under ``@serve.ingress``) owns one ``OffloadEngine``. The engine is not
-thread-safe, so generations run one at a time on a single worker thread; requests wait in an
-asyncio queue of at most ``max_queue`` jobs, and beyond that are refused with 429 and
-``Retry-After``. The multi-GPU pipeline will replace the engine behind the same routes.
+One ingress deployment (FastAPI under ``@serve.ingress``) owns one ``Pipeline``: ``gpus`` stage
+actors (one per GPU, each with its shard of layers and its expert cache), the expert-map service
+and the continuous-batching scheduler (cluster/pipeline.py). Every admitted request goes straight
+to the scheduler, which runs it together with the others in flight; at most ``max_queue``
+requests are admitted at once, beyond that they are refused with 429 and ``Retry-After``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
 server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text
@@ -25,7 +26,6 @@ import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,12 +60,13 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = "models/expertmap-moe-tiny"  # relative paths resolve against the repository root
-    gpus: int = Field(default=1, ge=1)  # pipeline stages; > 1 is not built yet
+    gpus: int = Field(default=1, ge=1)  # pipeline stages, one per GPU
     budget: str | float = 0.25
     policy: str = "hybrid"
     prefetch_distance: int = Field(default=3, ge=1)
     redis_url: str | None = None  # None: the embedded in-process expert-map store
-    max_queue: int = Field(default=64, ge=1)  # requests waiting at most; beyond it: 429
+    max_queue: int = Field(default=64, ge=1)  # requests admitted at once (generating or waiting); beyond: 429
+    max_batch: int = Field(default=8, ge=1)  # requests per pipeline micro-batch at most
     api_keys_env: str | None = None  # env var holding accepted API keys, comma-separated
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -74,7 +75,7 @@ class AppArgs(BaseModel):
     device: str = "auto"  # auto: cuda when the replica sees one, else cpu
     allow_unauthenticated: bool = False  # serve beyond loopback without API keys (explicit opt-in)
 
-    @field_validator("gpus", "prefetch_distance", "max_queue", "port", mode="before")
+    @field_validator("gpus", "prefetch_distance", "max_queue", "max_batch", "port", mode="before")
     @classmethod
     def _strict_int(cls, v):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -124,14 +125,6 @@ def read_api_keys(env_name: str | None) -> frozenset[str]:
     return frozenset(k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip())
 
 
-def check_supported(a: AppArgs) -> None:
-    """What this version cannot do yet (the args themselves are valid: configs/serve-six-gpu.yaml)."""
-    if a.gpus > 1:
-        raise ValueError(
-            f"gpus={a.gpus}: the multi-GPU pipeline is not built yet; this version serves one stage (gpus: 1)"
-        )
-
-
 def check_exposure(a: AppArgs) -> None:
     """Refuse to build an endpoint beyond loopback without keys, and a keys variable that is empty."""
     keys = read_api_keys(a.api_keys_env)
@@ -159,34 +152,14 @@ def engine_config(a: AppArgs):
     return EngineConfig(model=a.model_path, device=device, policy=a.policy, budget=a.budget, link=_link_config(a.link))
 
 
-def make_engine(a: AppArgs):
-    """The engine; map-based policies ("finemoe", "hybrid") read a replica of the Redis store named by
-    ``redis_url`` or, without one, of an empty in-process store that fills as requests run."""
-    from actors.engine import OffloadEngine
+def make_pipeline(a: AppArgs):
+    """The pipeline of ``a.gpus`` stages; map-based policies ("finemoe", "hybrid") share the expert-map
+    service, backed by the Redis store named by ``redis_url`` or, without one, an in-process store
+    in the service actor that fills as requests run."""
+    from cluster.pipeline import Pipeline, PipelineConfig
 
-    config = engine_config(a)
-    if a.policy not in ("finemoe", "hybrid"):
-        return OffloadEngine(config)
-    from predictor.replica import StoreReplica
-
-    # the store's shape (MoE layers, experts, embedding width) is known once the model is loaded;
-    # the policy reads its replica only while generating, so the store is attached right after
-    replica = StoreReplica(None)
-    options = {"replica": replica, "prefetch_distance": a.prefetch_distance, "synchronous": False}
-    engine = OffloadEngine(config, extra_policy_options=options)
-    shape = dict(
-        num_layers=len(engine.layers), num_experts=engine.num_experts,
-        embed_dim=engine.model.get_input_embeddings().weight.shape[1], prefetch_distance=a.prefetch_distance,
-    )  # fmt: skip
-    if a.redis_url:
-        from predictor.map_store_redis import RedisMapStore
-
-        replica.store = RedisMapStore(a.redis_url, **shape)
-    else:
-        from predictor.map_store_memory import InMemoryMapStore
-
-        replica.store = InMemoryMapStore(**shape)
-    return engine
+    return Pipeline(PipelineConfig(engine=engine_config(a), gpus=a.gpus, max_batch=a.max_batch, redis_url=a.redis_url,
+                                   prefetch_distance=a.prefetch_distance))  # fmt: skip
 
 
 def _loopback_replica_grpc() -> None:
@@ -375,112 +348,108 @@ def parse_body(cls: type[BaseModel], raw: bytes):
 # --- streaming, stop strings and cancellation ----------------------------------------------------
 
 
-def _make_tracker_cls():
-    import torch
-    from transformers import StoppingCriteria
-    from transformers.generation.streamers import BaseStreamer
+class TextTracker:
+    """The text of one choice as its tokens arrive (on the scheduler thread).
 
-    class TextTracker(BaseStreamer, StoppingCriteria):
-        """Streamer and stopping criterion for one choice, run on the engine's worker thread.
+    ``add`` decodes the tokens so far and cuts the text at the first stop string; text that could
+    still be the start of a stop string (or an unfinished UTF-8 character) is held back, the rest
+    goes to ``emit``. Once a stop string is seen, ``hit_stop`` is set and nothing more is emitted.
+    """
 
-        ``put`` gets the prompt ids once, then each new token: the decoded text is cut at the first
-        stop string; text that could still be the start of a stop string (or an unfinished UTF-8
-        character) is held back, the rest goes to ``emit``. As a stopping criterion it ends the
-        generation once a stop string is seen or the request's cancel flag is set.
-        """
+    def __init__(self, tokenizer, stops: list[str], emit):
+        self.tokenizer, self.stops, self.emit = tokenizer, stops, emit
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.hit_stop = False
 
-        def __init__(self, tokenizer, stops: list[str], emit, cancel: threading.Event):
-            self.tokenizer, self.stops, self.emit, self.cancel = tokenizer, stops, emit, cancel
-            self.ids: list[int] = []
-            self.emitted = ""
-            self.hit_stop = False
-            self._prompt_seen = False
-            self.token_times: list[float] = []
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        self._advance(final=False)
 
-        def put(self, value):
-            if not self._prompt_seen:
-                self._prompt_seen = True
-                return
-            self.token_times.append(time.perf_counter())
-            self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-            self._advance(final=False)
+    def finish(self) -> None:
+        self._advance(final=True)
 
-        def end(self):
-            self._advance(final=True)
-
-        def _advance(self, final: bool) -> None:
-            if self.hit_stop:
-                return
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-            cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-            if cuts:
-                safe = text[: min(cuts)]
-                self.hit_stop = True
-            elif final:
-                safe = text
-            else:
-                hold = 0
-                for s in self.stops:
-                    for k in range(min(len(s) - 1, len(text)), hold, -1):
-                        if text.endswith(s[:k]):
-                            hold = k
-                            break
-                safe = text[: len(text) - hold]
-                while safe.endswith("\ufffd"):
-                    safe = safe[:-1]
-            if len(safe) > len(self.emitted) and safe.startswith(self.emitted):
-                self.emit(safe[len(self.emitted) :])
-                self.emitted = safe
-
-        def __call__(self, input_ids, scores, **kwargs):
-            stop = self.hit_stop or self.cancel.is_set()
-            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-    return TextTracker
+    def _advance(self, final: bool) -> None:
+        if self.hit_stop:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            safe = text[: min(cuts)]
+            self.hit_stop = True
+        elif final:
+            safe = text
+        else:
+            hold = 0
+            for s in self.stops:
+                for k in range(min(len(s) - 1, len(text)), hold, -1):
+                    if text.endswith(s[:k]):
+                        hold = k
+                        break
+            safe = text[: len(text) - hold]
+            while safe.endswith("\ufffd"):
+                safe = safe[:-1]
+        if len(safe) > len(self.emitted) and safe.startswith(self.emitted):
+            self.emit(safe[len(self.emitted) :])
+            self.emitted = safe
 
 
 STATS_FIELDS = ("accesses", "hits", "misses", "stall_s", "bytes_moved", "copies", "prefetched", "prefetch_used")
+_STATUS = {"PipelineClosedError": 503, "StageFailedError": 503}
 
 
 class Job:
-    """One request: its choices run one after another on the worker thread; events go to ``events``."""
+    """One HTTP request: its ``n`` choices run in the pipeline at once; events go to ``events``
+    (from the scheduler thread, through the event loop)."""
 
     def __init__(self, server: "ExpertMapServer", ids: list[int], max_tokens: int, body: _Body, loop):
         self.server, self.ids, self.max_tokens, self.body, self.loop = server, ids, max_tokens, body, loop
         self.events: asyncio.Queue = asyncio.Queue()
-        self.cancel = threading.Event()
-        self.state = "queued"  # queued -> running -> done, or cancelled
         self.arrived = time.perf_counter()
-        self.started: float | None = None
         self.seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+        self.requests: list = []
+        self.trackers: list[TextTracker] = []
+        self.left = body.n
+        self.closed = False  # admission slot given back
 
     def _send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
-    def run(self) -> None:  # on the worker thread
-        from transformers import StoppingCriteriaList
+    def start(self) -> None:
+        from actors.sampling import SamplingParams
 
-        engine, body = self.server.engine, self.body
-        try:
-            for i in range(body.n):
-                if self.cancel.is_set():
-                    break
-                tracker = self.server.tracker_cls(
-                    engine.tokenizer, body.stop or [], lambda d, i=i: self._send("delta", i, d), self.cancel
-                )
-                gen = engine.generate(
-                    self.ids, max_new_tokens=self.max_tokens, do_sample=body.temperature > 0, seed=self.seed + i,
-                    temperature=body.temperature or 1.0, top_p=body.top_p, streamer=tracker,
-                    stopping_criteria=StoppingCriteriaList([tracker]), min_new_tokens=0,
-                )  # fmt: skip
-                eos = self.server.eos_ids
-                finish = "stop" if tracker.hit_stop or (gen.token_ids and gen.token_ids[-1] in eos) else "length"
-                self._send("choice", i, tracker.emitted, finish, gen, tracker.token_times)
-        except Exception as exc:  # reported to the client as a 500 body / an error event
-            logger.exception("generation failed")
-            self._send("error", repr(exc))
-        finally:
+        body = self.body
+        for i in range(body.n):
+            params = SamplingParams(max_new_tokens=self.max_tokens, do_sample=body.temperature > 0, seed=self.seed + i,
+                                    temperature=body.temperature or 1.0, top_p=body.top_p, min_new_tokens=0)  # fmt: skip
+            tracker = TextTracker(self.server.tokenizer, body.stop or [], lambda d, i=i: self._send("delta", i, d))
+            self.trackers.append(tracker)
+            self.requests.append(self.server.pipeline.submit(
+                self.ids, params, on_token=lambda t, i=i: self._token(i, t), on_done=lambda r, i=i: self._done(i, r)
+            ))  # fmt: skip
+
+    def _token(self, i: int, token: int) -> None:
+        tracker = self.trackers[i]
+        tracker.add(token)
+        if tracker.hit_stop:
+            self.requests[i].cancel()  # ends after this token; the text is already cut
+
+    def _done(self, i: int, req) -> None:
+        tracker = self.trackers[i]
+        if req.error is not None:
+            self._send("error", i, str(req.error))
+        else:
+            tracker.finish()
+            eos = self.server.eos_ids
+            stop = tracker.hit_stop or req.finish_reason == "stop" or bool(req.tokens and req.tokens[-1] in eos)
+            self._send("choice", i, tracker.emitted, "stop" if stop else "length", req)
+        self.left -= 1
+        if self.left == 0:
             self._send("done")
+
+    def cancel(self) -> None:
+        for r in self.requests:
+            r.cancel()
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -527,7 +496,8 @@ class Metrics:
             self.requests[(route, str(status))] = self.requests.get((route, str(status)), 0) + 1
             self.latency.observe(seconds, (route,))
 
-    def render(self, gauges: dict[str, tuple[str, float]], cache: dict[str, tuple[str, float]]) -> str:
+    def render(self, gauges: dict[str, tuple[str, float]], cache: dict[str, tuple[str, float]],
+               per_stage: dict[str, tuple[str, str, str]] | None = None, stages: list[dict] | None = None) -> str:  # fmt: skip
         out: list[str] = []
 
         def metric(name, kind, help_, samples):
@@ -563,6 +533,8 @@ class Metrics:
         for name, (help_, value) in {**gauges, **cache}.items():
             kind = "gauge" if name in gauges else "counter"
             metric(name, kind, help_, [((), value)])
+        for name, (kind, help_, key) in (per_stage or {}).items():  # one sample per stage (GPU)
+            metric(name, kind, help_, [((("stage", s["stage"]),), s[key]) for s in stages or []])
         return "\n".join(out) + "\n"
 
 
@@ -586,71 +558,51 @@ class ExpertMapServer:
         self.api_keys = read_api_keys(a.api_keys_env)
         if a.api_keys_env and not self.api_keys:
             raise ValueError(f"api_keys_env names {a.api_keys_env!r} but it holds no keys in this replica's environment")
-        self.engine = make_engine(a)
-        if self.engine.tokenizer is None:
-            raise ValueError(f"model at {a.model_path} has no tokenizer; the HTTP API needs one")
-        self.tokenizer = self.engine.tokenizer
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(a.model_path)  # safetensors folders only (checked)
+        hf_config = AutoConfig.from_pretrained(a.model_path, trust_remote_code=False)
+        self.pipeline = make_pipeline(a)
         self.model_id = a.model_id
-        self.context = int(getattr(self.engine.model.config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
-        eos = self.engine.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {e for e in [*eos, self.tokenizer.eos_token_id] if e is not None}
-        self.tracker_cls = _make_tracker_cls()
+        self.vocab = int(hf_config.vocab_size)
+        self.context = int(getattr(hf_config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
+        self.eos_ids = {e for e in [*self.pipeline.eos_ids, self.tokenizer.eos_token_id] if e is not None}
         self.metrics = Metrics()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expertmap-engine")
-        self.queue: asyncio.Queue | None = None
-        self.waiting = 0  # queued jobs not cancelled
-        self.running = 0
+        self.admitted = 0  # jobs holding an admission slot (generating, or waiting in the scheduler)
         self.created = _now()
-        logger.info("serving %s (context %d) with policy %s", self.model_id, self.context, a.policy)
+        logger.info("serving %s (context %d) on %d stage(s) with policy %s", self.model_id, self.context, a.gpus, a.policy)
 
     # --- plumbing ----------------------------------------------------------------------------
-    def _ensure_consumer(self) -> None:
-        if self.queue is None:
-            self.queue = asyncio.Queue()  # bounded by the admission check in _submit (cancelled jobs leave at once)
-            self._consumer = asyncio.get_running_loop().create_task(self._consume())
-
-    async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            job: Job = await self.queue.get()
-            if job.state == "cancelled":
-                continue
-            self.waiting -= 1
-            job.state, job.started = "running", time.perf_counter()
-            with self.metrics.lock:
-                self.metrics.queue_wait.observe(job.started - job.arrived)
-            self.running = 1
-            try:
-                await loop.run_in_executor(self.executor, job.run)
-            except Exception:  # pragma: no cover - job.run reports its own errors
-                logger.exception("worker failed")
-            finally:
-                self.running = 0
-                job.state = "done"
-
     def _submit(self, ids: list[int], max_tokens: int, body: _Body) -> Job:
-        self._ensure_consumer()
-        if self.waiting >= self.args.max_queue:
+        if self.admitted >= self.args.max_queue:
             with self.metrics.lock:
                 self.metrics.rejected += 1
-            raise APIError(429, f"the server is busy: {self.waiting} requests are waiting (max_queue "
+            raise APIError(429, f"the server is busy: {self.admitted} requests are in progress (max_queue "
                            f"{self.args.max_queue}); retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
         job = Job(self, ids, max_tokens, body, asyncio.get_running_loop())
-        self.waiting += 1
-        self.queue.put_nowait(job)
+        self.admitted += 1
+        try:
+            job.start()
+        except Exception as exc:  # the pipeline is shut down
+            self._release(job)
+            raise APIError(503, f"the server cannot take requests now: {exc}", type="server_error",
+                           code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
         return job
 
+    def _release(self, job: Job) -> None:
+        """Give the job's admission slot back (once)."""
+        if not job.closed:
+            job.closed = True
+            self.admitted -= 1
+
     def _cancel(self, job: Job) -> None:
-        if job.state in ("done", "cancelled") or job.cancel.is_set():
+        if job.closed:
             return
-        job.cancel.set()
+        job.cancel()
         with self.metrics.lock:
             self.metrics.cancelled += 1
-        if job.state == "queued":
-            job.state = "cancelled"
-            self.waiting -= 1
+        self._release(job)
 
     def _auth(self, request: Request) -> None:
         if not self.api_keys:
@@ -696,52 +648,64 @@ class ExpertMapServer:
                            param="max_tokens", code="context_length_exceeded")  # fmt: skip
         return max_tokens
 
-    def _stats(self, gens: list, token_times: list[list[float]], job: Job) -> dict:
-        total = {f: 0 for f in STATS_FIELDS}
-        for g in gens:
-            for f in STATS_FIELDS:
-                total[f] += getattr(g.stats, f)
-        acc, pref, used = total["accesses"], total["prefetched"], total["prefetch_used"]
-        tpots = [t for g in gens for t in g.tpot_s]
+    def _stats(self, reqs: list, job: Job) -> dict:
+        """Per-request figures for the response's ``expertmap`` field: cache counters of this
+        request's iterations (all stages), TTFT, mean TPOT, time before it entered the pipeline."""
+        from actors.cache_stats import CacheStats
+
+        total = CacheStats()
+        for r in reqs:
+            total = total.merge(r.stats)
+        tpots = [t for r in reqs for t in r.tpot_s]
+        starts = [r.started_at for r in reqs if r.started_at is not None]
         return {
-            **total,
-            "hit_rate": total["hits"] / acc if acc else 0.0,
-            "precision": used / pref if pref else 0.0,
-            "recall": used / (used + total["misses"]) if used + total["misses"] else 0.0,
-            "ttft_s": gens[0].ttft_s if gens else 0.0,
+            **{f: getattr(total, f) for f in STATS_FIELDS},
+            "hit_rate": total.hit_rate,
+            "precision": total.precision,
+            "recall": total.recall,
+            "ttft_s": reqs[0].ttft_s or 0.0 if reqs else 0.0,
             "tpot_s": sum(tpots) / len(tpots) if tpots else 0.0,
-            "queue_s": (job.started or job.arrived) - job.arrived,
+            "queue_s": (min(starts) - job.arrived) if starts else 0.0,
             "policy": self.args.policy,
-            "budget": str(self.engine.config.budget),
+            "budget": str(self.args.budget),
+            "gpus": self.args.gpus,
         }
 
-    def _observe(self, job: Job, gens: list, token_times: list[list[float]], prompt_tokens: int) -> None:
+    def _observe(self, job: Job, reqs: list, prompt_tokens: int) -> None:
         with self.metrics.lock:
-            self.metrics.prompt_tokens += prompt_tokens * len(gens)
-            self.metrics.completion_tokens += sum(len(g.token_ids) for g in gens)
-            if token_times and token_times[0]:
-                self.metrics.ttft.observe(token_times[0][0] - job.arrived)
-            for times in token_times:
-                for a, b in zip(times, times[1:]):
-                    self.metrics.tpot.observe(b - a)
+            self.metrics.prompt_tokens += prompt_tokens * len(reqs)
+            self.metrics.completion_tokens += sum(len(r.tokens) for r in reqs)
+            if reqs and reqs[0].token_times:
+                self.metrics.ttft.observe(reqs[0].token_times[0] - job.arrived)
+            starts = [r.started_at for r in reqs if r.started_at is not None]
+            if starts:
+                self.metrics.queue_wait.observe(min(starts) - job.arrived)
+            for r in reqs:
+                for t in r.tpot_s:
+                    self.metrics.tpot.observe(t)
 
-    async def _collect(self, job: Job) -> tuple[list, list, list, list]:
-        texts, finishes, gens, times = [], [], [], []
+    async def _collect(self, job: Job) -> tuple[list, list, list]:
+        """The choices in index order (they finish in any order)."""
+        found: dict[int, tuple] = {}
+        error = None
         try:
             while True:
                 ev = await job.events.get()
                 if ev[0] == "choice":
-                    texts.append(ev[2])
-                    finishes.append(ev[3])
-                    gens.append(ev[4])
-                    times.append(ev[5])
+                    found[ev[1]] = (ev[2], ev[3], ev[4])
                 elif ev[0] == "error":
-                    raise APIError(500, f"generation failed: {ev[1]}", type="server_error", code="internal_error")
+                    error = error or ev[2]
                 elif ev[0] == "done":
-                    return texts, finishes, gens, times
+                    break
         except asyncio.CancelledError:
             self._cancel(job)
             raise
+        self._release(job)
+        if error is not None:
+            job.cancel()
+            raise _generation_error(error)
+        ordered = [found[i] for i in sorted(found)]
+        return [t for t, _, _ in ordered], [f for _, f, _ in ordered], [r for _, _, r in ordered]
 
     def _stream(self, route: str, job: Job, kind: str, created: int, rid: str, prompt_tokens: int, t0: float):
         include_usage = bool((job.body.stream_options or {}).get("include_usage"))
@@ -761,7 +725,7 @@ class ExpertMapServer:
 
         async def events():
             finished, status = False, 200
-            gens, times, started = [], [], set()
+            reqs, started = [], set()
             try:
                 while True:
                     ev = await job.events.get()
@@ -772,28 +736,28 @@ class ExpertMapServer:
                             yield chunk(i, None, None, role=True)
                         yield chunk(i, ev[2], None)
                     elif ev[0] == "choice":
-                        i, gen = ev[1], ev[4]
+                        i, req = ev[1], ev[4]
                         if kind == "chat" and i not in started:
                             started.add(i)
                             yield chunk(i, None, None, role=True)
-                        gens.append(gen)
-                        times.append(ev[5])
-                        yield chunk(i, None, ev[3], extra={"expertmap": self._stats([gen], [ev[5]], job)})
+                        reqs.append(req)
+                        yield chunk(i, None, ev[3], extra={"expertmap": self._stats([req], job)})
                     elif ev[0] == "error":
-                        status = 500
-                        yield _sse({"error": {"message": f"generation failed: {ev[1]}", "type": "server_error",
-                                              "param": None, "code": "internal_error"}})  # fmt: skip
+                        err = _generation_error(ev[2])
+                        status = err.status
+                        yield _sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
                     elif ev[0] == "done":
                         break
+                self._release(job)
                 if include_usage:
-                    completion = sum(len(g.token_ids) for g in gens)
+                    completion = sum(len(r.tokens) for r in reqs)
                     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                              "total_tokens": prompt_tokens + completion}  # fmt: skip
                     yield _sse({"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [],
-                                "usage": usage, "expertmap": self._stats(gens, times, job)})  # fmt: skip
+                                "usage": usage, "expertmap": self._stats(reqs, job)})  # fmt: skip
                 yield "data: [DONE]\n\n"
                 finished = True
-                self._observe(job, gens, times, prompt_tokens)
+                self._observe(job, reqs, prompt_tokens)
             finally:
                 if not finished:
                     self._cancel(job)
@@ -809,9 +773,9 @@ class ExpertMapServer:
         created, rid = _now(), ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         if body.stream:
             return self._stream(route, job, kind, created, rid, len(ids), t0)
-        texts, finishes, gens, times = await self._collect(job)
-        self._observe(job, gens, times, len(ids))
-        completion = sum(len(g.token_ids) for g in gens)
+        texts, finishes, reqs = await self._collect(job)
+        self._observe(job, reqs, len(ids))
+        completion = sum(len(r.tokens) for r in reqs)
         usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
         if kind == "chat":
             choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
@@ -823,7 +787,7 @@ class ExpertMapServer:
                        for i, (t, f) in enumerate(zip(texts, finishes))]  # fmt: skip
             obj = "text_completion"
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": choices,
-                             "usage": usage, "expertmap": self._stats(gens, times, job)})  # fmt: skip
+                             "usage": usage, "expertmap": self._stats(reqs, job)})  # fmt: skip
 
     # --- routes --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -855,7 +819,7 @@ class ExpertMapServer:
             if isinstance(body.prompt, str):
                 ids = self.tokenizer(body.prompt).input_ids
             else:
-                vocab = self.engine.model.config.vocab_size
+                vocab = self.vocab
                 if any(not 0 <= t < vocab for t in body.prompt):
                     raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
                 ids = list(body.prompt)
@@ -878,52 +842,78 @@ class ExpertMapServer:
     @app.get("/health")
     async def health(self, request: Request):
         async def run():
-            return JSONResponse({"status": "ok", "model": self.model_id, "waiting": self.waiting, "running": self.running})
+            sched = self.pipeline.scheduler
+            try:  # every stage answers (from its control thread, also while it computes)
+                await asyncio.wait_for(asyncio.to_thread(self.pipeline.health, 5.0), timeout=6.0)
+                stages = "ok"
+            except Exception as exc:  # a stage restarting after a failure
+                stages = f"unavailable: {exc.__class__.__name__}"
+            body = {"status": "ok" if stages == "ok" else "degraded", "model": self.model_id, "gpus": self.args.gpus,
+                    "stages": stages, "admitted": self.admitted, "active": sched.active,
+                    "stage_failures": sched.stage_failures}  # fmt: skip
+            return JSONResponse(body, status_code=200 if stages == "ok" else 503)
 
         return await self._handle("/health", request, run, auth=False)
 
     @app.get("/metrics")
     async def metrics_route(self, request: Request):
         async def run():
-            s = self.engine.stats
+            try:
+                stages = await asyncio.wait_for(asyncio.to_thread(self.pipeline.stats), timeout=10.0)
+            except Exception:  # a stage restarting: the HTTP figures still go out
+                stages = []
+            sched = self.pipeline.scheduler
             gauges = {
-                "expertmap_queue_depth": ("requests waiting for the engine", self.waiting),
-                "expertmap_requests_running": ("requests generating now (0 or 1)", self.running),
+                "expertmap_requests_admitted": ("requests in progress (generating or waiting)", self.admitted),
+                "expertmap_queue_depth": ("requests waiting for their next iteration", len(sched._ready)),
+                "expertmap_requests_running": ("requests being generated in the pipeline", sched.active),
                 "expertmap_queue_capacity": ("max_queue", self.args.max_queue),
-                "expertmap_cache_slots": ("experts the device cache holds", self.engine.num_slots),
+                "expertmap_pipeline_stages": ("pipeline stages (GPUs)", self.args.gpus),
             }
-            cache = {
-                "expertmap_cache_accesses_total": ("expert accesses", s.accesses),
-                "expertmap_cache_hits_total": ("accesses whose expert was resident", s.hits),
-                "expertmap_cache_misses_total": ("accesses that waited for a copy", s.misses),
-                "expertmap_cache_stall_seconds_total": ("time layers waited for expert copies", s.stall_s),
-                "expertmap_cache_bytes_moved_total": ("bytes copied host to device", s.bytes_moved),
-                "expertmap_cache_copies_total": ("expert copies", s.copies),
-                "expertmap_cache_prefetched_total": ("copies made by prefetching", s.prefetched),
-                "expertmap_cache_prefetch_used_total": ("prefetched experts used before eviction", s.prefetch_used),
-            }
-            return PlainTextResponse(self.metrics.render(gauges, cache), media_type="text/plain; version=0.0.4")
+            per_stage = {
+                "expertmap_cache_slots": ("gauge", "experts the GPU's cache holds", "slots"),
+                "expertmap_cache_hit_rate": ("gauge", "hits / accesses on the GPU", "hit_rate"),
+                "expertmap_stage_busy_fraction": ("gauge", "share of time the stage computes", "busy_frac"),
+                "expertmap_cache_accesses_total": ("counter", "expert accesses", "accesses"),
+                "expertmap_cache_hits_total": ("counter", "accesses whose expert was resident", "hits"),
+                "expertmap_cache_misses_total": ("counter", "accesses that waited for a copy", "misses"),
+                "expertmap_cache_stall_seconds_total": ("counter", "time layers waited for expert copies", "stall_s"),
+                "expertmap_cache_bytes_moved_total": ("counter", "bytes copied host to device", "bytes_moved"),
+                "expertmap_cache_prefetched_total": ("counter", "copies made by prefetching", "prefetched"),
+                "expertmap_cache_prefetch_used_total": ("counter", "prefetched experts used before eviction", "prefetch_used"),
+            }  # fmt: skip
+            text = self.metrics.render(gauges, {}, per_stage, stages)
+            return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
         return await self._handle("/metrics", request, run)
 
     def __del__(self):
         try:
-            self.engine.close()
+            self.pipeline.close()
         except Exception:
             pass
+
+
+def _generation_error(message: str) -> "APIError":
+    """A failed generation as an HTTP error: 503 (retry) when a stage failed or the server shuts
+    down, 500 otherwise."""
+    retry = any(name in message for name in ("pipeline stage failed", "shut down"))
+    if retry:
+        return APIError(503, f"generation interrupted: {message}", type="server_error", code="unavailable",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+    return APIError(500, f"generation failed: {message}", type="server_error", code="internal_error")
 
 
 def build_app(args: dict | None = None):
     """The Serve application for ``args`` (validated here, before any actor starts)."""
     a = parse_args(args)
     require_model_folder(a.model_path)
-    check_supported(a)
     check_exposure(a)
     deployment = serve.deployment(
         ExpertMapServer,
         name="ExpertMapServer",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 0, "num_gpus": a.gpus},
+        ray_actor_options={"num_cpus": 0, "num_gpus": 0},  # the stage actors hold the GPUs
         max_ongoing_requests=a.max_queue + 32,  # our own queue decides; Serve passes requests through
         graceful_shutdown_timeout_s=5,
     )

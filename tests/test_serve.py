@@ -172,7 +172,7 @@ def test_models_health_metrics(server, client):
         assert re.search(rf"^{name}(\{{[^}}]*\}})? ", text, re.M), name
     served = re.search(r'^expertmap_requests_total\{route="/v1/chat/completions",status="200"\} (\d+)', text, re.M)
     assert served and int(served.group(1)) >= 1
-    assert float(re.search(r"^expertmap_cache_hits_total (\S+)", text, re.M).group(1)) > 0
+    assert float(re.search(r'^expertmap_cache_hits_total\{stage="0"\} (\S+)', text, re.M).group(1)) > 0  # per GPU
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -311,9 +311,10 @@ def test_api_keys(server):
 def test_builder_args(monkeypatch):
     from cluster.serve_app import AppArgs, build_app
 
-    assert AppArgs.model_validate({"gpus": 6}).gpus == 6  # valid args (configs/serve-six-gpu.yaml) ...
-    with pytest.raises(ValueError, match="pipeline is not built yet"):
-        build_app({"gpus": 2})  # ... that this version cannot serve yet
+    assert AppArgs.model_validate({"gpus": 6}).gpus == 6  # configs/serve-six-gpu.yaml
+    assert build_app({"gpus": 2}) is not None  # validated here; the stages start in the replica
+    with pytest.raises(ValueError, match="gpus"):
+        AppArgs.model_validate({"gpus": 0})
     with pytest.raises(ValueError, match="no API keys"):
         build_app({"host": "0.0.0.0"})
     monkeypatch.delenv("EXPERTMAP_NOPE", raising=False)

@@ -24,13 +24,13 @@ def expertmap(*args, timeout=120):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--gpus", "2"], "pipeline is not built yet"),
+        (["--gpus", "0"], "must be at least 1"),
         (["--budget", "7"], "out of range"),
         (["--policy", "psychic"], "unknown policy"),
         (["--config", "nope.yaml"], "does not exist"),
         (["--model", "/nonexistent"], "does not exist"),
         (["--port", "0"], "--port"),
-        (["--config", "configs/serve-six-gpu.yaml"], "pipeline is not built yet"),
+        (["--config", "configs/serve-six-gpu.yaml", "--policy", "psychic"], "unknown policy"),
     ],
 )
 def test_serve_mistakes_are_one_line(args, needle):
@@ -42,12 +42,13 @@ def test_serve_mistakes_are_one_line(args, needle):
 
 @pytest.mark.timeout(300)
 def test_serve_starts_answers_and_stops_on_sigint():
+    """`--gpus 2`: a two-stage pipeline on two declared GPUs behind the endpoint."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", "configs/serve.yaml", "--port",
-                             str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", "configs/serve.yaml", "--gpus", "2",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -64,6 +65,7 @@ def test_serve_starts_answers_and_stops_on_sigint():
         r = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": "expertmap-moe-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})  # fmt: skip
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+        assert r.json()["expertmap"]["gpus"] == 2
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=90)
         assert proc.returncode == 0, err[-3000:]

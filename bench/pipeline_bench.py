@@ -1,0 +1,246 @@
+"""Benchmarks of the Ray pipeline: ``expertmap bench --gpus N`` (policies on N stages) and the
+scaling run (``python -m bench.scaling``). Real stage actors, real time, the emulated link of a
+link profile on every stage (each GPU has its own PCIe link), clients in a closed loop: each of
+``concurrency`` clients sends its next prompt when its last one finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from actors.config import Budget, EngineConfig, LinkConfig
+from actors.sampling import SamplingParams
+from bench.link_profiles import get_profile
+from bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
+
+logger = logging.getLogger(__name__)
+
+
+def start_local_ray(gpus: int) -> None:
+    """A local-only Ray with ``gpus`` declared GPUs (stages run on the CPU when there are none)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < gpus:
+            raise ValueError(f"the running Ray has {have:g} GPUs, the benchmark needs {gpus}")
+        return
+    ray.init(num_gpus=gpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
+    a = np.asarray(values)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+
+
+def drive(pipe, prompts: list[list[int]], params: SamplingParams, concurrency: int, desc: str | None = None) -> dict:
+    """Closed loop of ``concurrency`` clients over ``prompts``; latency and throughput figures."""
+    todo = deque(enumerate(prompts))
+    running: dict[int, object] = {}
+    done: dict[int, object] = {}
+    bar = tqdm(total=len(prompts), desc=desc, unit="req", leave=False, disable=desc is None)
+    t0 = time.perf_counter()
+    while todo or running:
+        while todo and len(running) < concurrency:
+            i, p = todo.popleft()
+            running[i] = pipe.submit(p, params)
+        time.sleep(0.002)
+        for i, r in list(running.items()):
+            if r.done.is_set():
+                done[i] = running.pop(i)
+                bar.update()
+    wall = time.perf_counter() - t0
+    bar.close()
+    reqs = [done[i] for i in range(len(prompts))]
+    failed = [r for r in reqs if r.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(reqs)} requests failed, first: {failed[0].error}")
+    tokens = sum(len(r.tokens) for r in reqs)
+    return {
+        "tokens_per_s": tokens / wall,
+        "ttft_s": percentiles([r.ttft_s for r in reqs]),
+        "tpot_s": percentiles([t for r in reqs for t in r.tpot_s]),
+        "wall_s": wall,
+        "tokens": tokens,
+        "outputs": [r.tokens for r in reqs],
+    }
+
+
+def engine_drive(engine, prompts: list[list[int]], params: SamplingParams) -> dict:
+    """The in-process engine on the same prompts, one after the other (it has no batching)."""
+    ttft, tpot, outputs = [], [], []
+    t0 = time.perf_counter()
+    for p in prompts:
+        g = engine.generate(p, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample, seed=params.seed,
+                            temperature=params.temperature, top_p=params.top_p)  # fmt: skip
+        ttft.append(g.ttft_s)
+        tpot.extend(g.tpot_s)
+        outputs.append(g.token_ids)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(o) for o in outputs)
+    return {"tokens_per_s": tokens / wall, "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+            "wall_s": wall, "tokens": tokens, "outputs": outputs}  # fmt: skip
+
+
+def stage_totals(stages: list[dict]) -> dict:
+    """Cache figures summed over the stages (hit rate = all hits / all accesses)."""
+    acc = sum(s["accesses"] for s in stages)
+    pre = sum(s["prefetched"] for s in stages)
+    used = sum(s["prefetch_used"] for s in stages)
+    misses = sum(s["misses"] for s in stages)
+    return {
+        "hit_rate": sum(s["hits"] for s in stages) / acc if acc else 0.0,
+        "precision": used / pre if pre else 0.0,
+        "recall": used / (used + misses) if used + misses else 0.0,
+        "stall_s": sum(s["stall_s"] for s in stages),
+        "bytes_moved": int(sum(s["bytes_moved"] for s in stages)),
+        "accesses": acc,
+    }
+
+
+def prompt_ids(tokenizer, traces_or_records, max_prompt: int = 256) -> list[list[int]]:
+    out = []
+    for r in traces_or_records:
+        text = r.prompt if isinstance(r, RequestTrace) else r["prompt"]
+        out.append(tokenizer(text).input_ids[:max_prompt] or [tokenizer.bos_token_id])
+    return out
+
+
+def warm_entries(traces: list[RequestTrace]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(it.embedding, it.expert_map()) for req in traces for it in req.iterations]
+
+
+@dataclass
+class PipelineBenchConfig:
+    workload: Path
+    out: Path
+    model: Path
+    gpus: int
+    warm: Path | None = None
+    limit: int = 32
+    warm_limit: int = 200
+    policies: tuple[str, ...] = ("on-demand", "lfu", "fate", "mixtral-offloading", "moe-infinity", "finemoe", "hybrid")
+    budget: str = "0.25"
+    link: str = "rtx3090-pcie4-mixtral"
+    max_new_tokens: int = 32
+    greedy: bool = False
+    seed: int = 0
+    concurrency: int = 8
+    prefetch_distance: int = 3
+    device: str = "cpu"
+
+
+def run_policies(cfg: PipelineBenchConfig) -> dict:
+    """Every policy on an N-stage pipeline, same prompts and seeds; results.json per DESIGN.md
+    section 6 plus each policy's per-stage figures."""
+    import ray
+
+    from cluster.pipeline import MAP_POLICIES, Pipeline, PipelineConfig
+
+    skipped = [p for p in cfg.policies if p == "oracle"]
+    policies = [p for p in cfg.policies if p != "oracle"]
+    if skipped:
+        logger.warning("oracle is replay-only (it needs the run's future trace): left out of --gpus runs")
+    profile = get_profile(cfg.link)
+    records = load_workload(cfg.workload)
+    warm, evals = (load_workload(cfg.warm), records) if cfg.warm else split(records, 0.7, cfg.seed)
+    warm, evals = warm[: cfg.warm_limit], evals[: cfg.limit]
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, do_sample=not cfg.greedy, seed=cfg.seed)
+    recorder = TraceRecorder(cfg.model, cfg.device)
+    tokenizer = recorder.engine.tokenizer
+    prompts = prompt_ids(tokenizer, evals)
+    entries = []
+    if any(p in MAP_POLICIES for p in policies):
+        traces = recorder.record_all(warm, cfg.max_new_tokens, do_sample=not cfg.greedy, seed=cfg.seed, desc="warm-up traces")
+        entries = warm_entries(traces)
+    recorder.close()
+    start_local_ray(cfg.gpus)
+    link = LinkConfig(copy_layer_ratio=profile.ratio, profile=cfg.link)
+    results: dict = {"policies": {}}
+    outputs = []
+    for policy in tqdm(policies, desc=f"policies on {cfg.gpus} stages", unit="policy"):
+        engine = EngineConfig(model=cfg.model, device=cfg.device, policy=policy, budget=Budget.parse(cfg.budget), link=link)
+        name = f"bench-map-service-{policy}-{time.time_ns()}"
+        pipe = Pipeline(PipelineConfig(engine=engine, gpus=cfg.gpus, prefetch_distance=cfg.prefetch_distance,
+                                       map_service_name=name))  # fmt: skip
+        try:
+            if pipe.map_service is not None and entries:
+                ray.get(pipe.map_service.add_many.remote(entries))
+            run = drive(pipe, prompts, params, cfg.concurrency, desc=policy)
+            stages = pipe.stats()
+        finally:
+            pipe.close()
+            if pipe.map_service is not None:
+                ray.kill(pipe.map_service)
+        row = {**stage_totals(stages), "ttft_s": {k: run["ttft_s"][k] for k in ("p50", "p99")}, "tpot_s": run["tpot_s"],
+               "tokens_per_s": run["tokens_per_s"], "overhead_frac": None, "stages": stages,
+               "layer_time_s": pipe.layer_time_s}  # fmt: skip
+        results["policies"][policy] = row
+        outputs += [{"id": r["id"], "policy": policy, "text": tokenizer.decode(o, skip_special_tokens=True)}
+                    for r, o in zip(evals, run["outputs"])]  # fmt: skip
+    results["config"] = {
+        "model": str(cfg.model), "workload": str(cfg.workload), "gpus": cfg.gpus, "concurrency": cfg.concurrency,
+        "eval_prompts": len(prompts), "warm_prompts": len(warm), "budget": cfg.budget, "link": cfg.link,
+        "copy_layer_ratio": profile.ratio, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+        "decoding": "greedy" if cfg.greedy else "seeded sampling", "prefetch_distance": cfg.prefetch_distance,
+        "timing": "real time: Ray stage actors, emulated link per stage", "skipped": skipped,
+    }  # fmt: skip
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=1))
+    with open(cfg.out / "outputs.jsonl", "w") as f:
+        for line in outputs:
+            f.write(json.dumps(line) + "\n")
+    write_pipeline_report(results, cfg.out)
+    return results
+
+
+def write_pipeline_report(results: dict, out: Path) -> None:
+    cfg = results["config"]
+    lines = [
+        f"# Pipeline benchmark: {cfg['gpus']} stages, concurrency {cfg['concurrency']}",
+        "",
+        f"{cfg['eval_prompts']} prompts of `{cfg['workload']}`, {cfg['max_new_tokens']} new tokens, {cfg['decoding']}, "
+        f"budget {cfg['budget']} of each stage's experts, link `{cfg['link']}` (ratio {cfg['copy_layer_ratio']:.1f}) per stage.",
+        "",
+        "| policy | hit rate | per-stage hit rate | tokens/s | TTFT p50 ms | TPOT p50 ms | TPOT p99 ms | stall s | moved MiB |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results["policies"].items():
+        per = " / ".join(f"{s['hit_rate']:.2f}" for s in r["stages"])
+        lines.append(
+            f"| {name} | {r['hit_rate']:.3f} | {per} | {r['tokens_per_s']:.1f} | {r['ttft_s']['p50'] * 1e3:.0f} | "
+            f"{r['tpot_s']['p50'] * 1e3:.1f} | {r['tpot_s']['p99'] * 1e3:.1f} | {r['stall_s']:.1f} | "
+            f"{r['bytes_moved'] / 2**20:.0f} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(results["policies"])
+    n = cfg["gpus"]
+    width = 0.8 / n
+    for k in range(n):
+        ax.bar([i + k * width for i in range(len(names))],
+               [results["policies"][p]["stages"][k]["hit_rate"] for p in names], width, label=f"stage {k}")  # fmt: skip
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=20, fontsize=8)
+    ax.set_ylabel("hit rate")
+    ax.set_title(f"hit rate per stage ({n} stages)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "hit_rate_per_stage.png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,192 @@
+"""Scaling benchmark: the Ray pipeline on N = 1, 2, 3, 6 stages at several client concurrencies,
+against the in-process engine on the same prompts.
+
+    python -m bench.scaling --out bench/results/scaling
+
+For every (N, concurrency): tokens/s, TTFT and TPOT percentiles, hit rate (all stages, and per
+stage), each stage's busy fraction. The policy is `hybrid` with its map store warmed from the warm
+split; each stage has the budget fraction of its own experts and its own emulated link (the
+profile's copy/layer ratio on the measured layer time). Two overhead checks at concurrency 8:
+the N = 1 pipeline against the in-process engine with the emulated link and with an instant link
+(the latter isolates actors + transport). Writes results.json, results.md and scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig
+from actors.engine import OffloadEngine
+from actors.sampling import SamplingParams
+from bench.link_profiles import get_profile
+from bench.pipeline_bench import drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries
+from bench.routing_trace import TraceRecorder, load_workload, split
+
+logger = logging.getLogger(__name__)
+
+
+def run(args) -> dict:
+    import ray
+
+    from cluster.pipeline import Pipeline, PipelineConfig
+
+    profile = get_profile(args.link)
+    warm, evals = split(load_workload(args.workload), 0.7, args.seed)
+    warm, evals = warm[: args.warm_limit], evals[: args.limit]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=True, seed=args.seed)
+    recorder = TraceRecorder(args.model, "cpu")
+    tokenizer = recorder.engine.tokenizer
+    prompts = prompt_ids(tokenizer, evals)
+    entries = warm_entries(recorder.record_all(warm, args.max_new_tokens, do_sample=True, seed=args.seed, desc="warm-up"))
+    recorder.close()
+    budget = Budget.parse(args.budget)
+    emulated = LinkConfig(copy_layer_ratio=profile.ratio, profile=args.link)
+    instant = LinkConfig(mode="instant", profile="instant")
+    results: dict = {"runs": [], "engine": {}}
+
+    # the in-process engine: the same prompts one after the other (map store warmed the same way)
+    for label, link in (("emulated", emulated), ("instant", instant)):
+        from predictor.map_store_memory import InMemoryMapStore
+        from predictor.replica import StoreReplica
+
+        probe = OffloadEngine(EngineConfig(model=args.model, policy="on-demand", link=instant))
+        shape = dict(num_layers=len(probe.layers), num_experts=probe.num_experts,
+                     embed_dim=probe.model.config.hidden_size, prefetch_distance=3)  # fmt: skip
+        probe.close()
+        store = InMemoryMapStore(**shape)
+        for e, m in entries:
+            store.add(e, m)
+        engine = OffloadEngine(EngineConfig(model=args.model, policy=args.policy, budget=budget, link=link),
+                               extra_policy_options={"replica": StoreReplica(store), "prefetch_distance": 3})  # fmt: skip
+        r = engine_drive(engine, prompts, params)
+        r["hit_rate"] = engine.stats.hit_rate
+        r["layer_time_s"] = engine.layer_time_s
+        r["bandwidth"] = engine.bandwidth
+        engine.close()
+        results["engine"][label] = {k: v for k, v in r.items() if k != "outputs"}
+        results["engine"][label]["_outputs"] = r["outputs"]
+        logger.warning("engine (%s link): %.1f tokens/s, hit rate %.3f", label, r["tokens_per_s"], r["hit_rate"])
+
+    start_local_ray(max(args.gpus))
+    layer_time = results["engine"]["emulated"]["layer_time_s"]
+    plan = [(n, c, "emulated") for n in args.gpus for c in args.concurrency] + [(1, 8, "instant")]
+    for n, c, label in plan:
+        link = instant
+        if label == "emulated":  # every stage's link: the engine's (the ratio on one measured layer time)
+            link = LinkConfig(bandwidth_bytes_per_s=results["engine"]["emulated"]["bandwidth"], profile=args.link)
+        engine_cfg = EngineConfig(model=args.model, policy=args.policy, budget=budget, link=link)
+        pipe = Pipeline(PipelineConfig(engine=engine_cfg, gpus=n, map_service_name=f"scaling-{n}-{c}-{label}"))
+        try:
+            ray.get(pipe.map_service.add_many.remote(entries))
+            pipe.reset_stats()
+            r = drive(pipe, prompts, params, c, desc=f"N={n} c={c} {label}")
+            stages = pipe.stats()
+        finally:
+            pipe.close()
+            ray.kill(pipe.map_service)
+        same = r["outputs"] == results["engine"][label]["_outputs"]
+        row = {"gpus": n, "concurrency": c, "link": label, **{k: v for k, v in r.items() if k != "outputs"},
+               **stage_totals(stages), "stages": stages, "tokens_equal_engine": same,
+               "stage_layer_time_s": pipe.layer_time_s}  # fmt: skip
+        results["runs"].append(row)
+        logger.warning("N=%d c=%d %s: %.1f tok/s, hit %.3f, per stage %s, busy %s, same tokens %s", n, c, label,
+                       row["tokens_per_s"], row["hit_rate"], [round(s["hit_rate"], 3) for s in stages],
+                       [round(s["busy_frac"], 2) for s in stages], same)  # fmt: skip
+    for e in results["engine"].values():
+        e.pop("_outputs")
+    results["config"] = {
+        "model": str(args.model), "workload": str(args.workload), "prompts": len(prompts), "warm_prompts": len(warm),
+        "max_new_tokens": args.max_new_tokens, "decoding": "seeded sampling", "policy": args.policy,
+        "budget": args.budget, "link": args.link, "copy_layer_ratio": profile.ratio, "engine_layer_time_s": layer_time,
+    }  # fmt: skip
+    return results
+
+
+def _per_stage(run: dict, key: str) -> str:
+    return " / ".join(f"{s[key]:.2f}" for s in run["stages"])
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    cfg = results["config"]
+    e = results["engine"]
+    lines = [
+        "# Scaling: the Ray pipeline on N stages",
+        "",
+        f"{cfg['prompts']} prompts of `{cfg['workload']}` (eval split), {cfg['max_new_tokens']} new tokens, "
+        f"{cfg['decoding']}, policy `{cfg['policy']}` (store warmed from {cfg['warm_prompts']} prompts), budget "
+        f"{cfg['budget']} of each stage's experts, link `{cfg['link']}` (ratio {cfg['copy_layer_ratio']:.1f}) per stage. "
+        "Machine: 2 CPU cores, stages on declared GPUs.",
+        "",
+        f"In-process engine, same prompts one at a time: {e['emulated']['tokens_per_s']:.1f} tokens/s "
+        f"(hit rate {e['emulated']['hit_rate']:.3f}) with the emulated link, {e['instant']['tokens_per_s']:.1f} "
+        "tokens/s with an instant link.",
+        "",
+        "| N | clients | link | tokens/s | vs engine | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms | hit rate | per-stage hit rate | per-stage busy | tokens = engine |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | :---: |",
+    ]
+    for r in results["runs"]:
+        base = e[r["link"]]["tokens_per_s"]
+        lines.append(
+            f"| {r['gpus']} | {r['concurrency']} | {r['link']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | "
+            f"{r['ttft_s']['p50']:.2f} | {r['ttft_s']['p99']:.2f} | {r['tpot_s']['p50'] * 1e3:.0f} | "
+            f"{r['tpot_s']['p99'] * 1e3:.0f} | {r['hit_rate']:.3f} | "
+            f"{_per_stage(r, 'hit_rate')} | {_per_stage(r, 'busy_frac')} | {'yes' if r['tokens_equal_engine'] else 'NO'} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if r["link"] == "emulated"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for c in sorted({r["concurrency"] for r in runs}):
+        pts = sorted((r["gpus"], r) for r in runs if r["concurrency"] == c)
+        ns = [n for n, _ in pts]
+        axes[0].plot(ns, [r["tokens_per_s"] for _, r in pts], "o-", label=f"{c} clients")
+        axes[1].plot(ns, [r["tpot_s"]["p50"] * 1e3 for _, r in pts], "o-", label=f"{c} clients")
+        axes[2].plot(ns, [r["hit_rate"] for _, r in pts], "o-", label=f"{c} clients")
+    axes[0].axhline(e["emulated"]["tokens_per_s"], color="grey", ls="--", label="in-process engine")
+    for ax, title in zip(axes, ("tokens/s", "TPOT p50 (ms)", "hit rate (all stages)")):
+        ax.set_xlabel("stages (GPUs)")
+        ax.set_title(title)
+        ax.set_xticks(sorted({r["gpus"] for r in runs}))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", default="../shared/data/workloads/dev_mix.jsonl")
+    ap.add_argument("--model", type=Path, default=BUNDLED_MODEL)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/scaling"))
+    ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 6])
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
+    ap.add_argument("--limit", type=int, default=24)
+    ap.add_argument("--warm-limit", type=int, default=100)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--policy", default="hybrid")
+    ap.add_argument("--budget", default="0.25")
+    ap.add_argument("--link", default="rtx3090-pcie4-mixtral")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    t0 = time.perf_counter()
+    results = run(args)
+    results["config"]["wall_s"] = time.perf_counter() - t0
+    write(results, args.out)
+    print((args.out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
