@@ -22,7 +22,7 @@ class IterationRecord:
     """One iteration of a batch of B sequences."""
 
     iteration: int
-    expert_map: np.ndarray  # [B, L, J] float32: mean router distribution over the iteration's tokens (L: the recorder's layers)
+    expert_map: np.ndarray  # [B, L, J] float32: mean router distribution over the iteration's tokens
     embedding: np.ndarray  # [B, D] float32: token-embedding output, mean over the iteration's tokens
     num_tokens: int  # tokens per sequence in this iteration (prompt length at prefill, 1 at decode)
 
@@ -31,7 +31,6 @@ class RoutingRecorder:
     def __init__(self, adapter: ArchitectureAdapter, layers: list[MoELayer], on_router=None, on_embedding=None):
         self.adapter = adapter
         self.num_layers = len(layers)
-        self._pos = {layer.index: i for i, layer in enumerate(layers)}  # MoE layer -> row (a stage holds a shard)
         self.on_router = on_router  # callback(RouterEvent) for predictors
         self.on_embedding = on_embedding  # callback(embedding [B, D]) at the start of an iteration
         self._routers = [layer.router for layer in layers]
@@ -47,15 +46,10 @@ class RoutingRecorder:
 
     def _embed_hook(self, module, args, output):
         # output: [B, S, D]
-        self.begin((output.shape[0], output.shape[1]), output.detach().float().mean(dim=1))
-
-    def begin(self, shape: tuple[int, int], embedding: torch.Tensor) -> None:
-        """An iteration of ``shape`` (B, S) starts with semantic embedding [B, D]. Called by the
-        embedding hook, or directly by a pipeline stage that receives the embedding from stage 0."""
-        self._shape = shape
-        self._embedding = embedding
+        self._shape = (output.shape[0], output.shape[1])
+        self._embedding = output.detach().float().mean(dim=1)  # [B, D]
         if self.on_embedding is not None:
-            self.on_embedding(embedding)
+            self.on_embedding(self._embedding)
 
     def _router_hook(self, index: int):
         def hook(module, args, output):
@@ -64,16 +58,15 @@ class RoutingRecorder:
                 self.on_router(RouterEvent(index, probs, self._next_gate(index, args[0])))
             if self._shape is not None:
                 b, s = self._shape
-                self._probs[self._pos[index]] = probs.view(b, s, -1).mean(dim=1)  # [B, J]
+                self._probs[index] = probs.view(b, s, -1).mean(dim=1)  # [B, J]
 
         return hook
 
     def _next_gate(self, index: int, router_input: torch.Tensor):
         """Deferred: the next MoE layer's router applied to this layer's router input (no hooks fire)."""
-        row = self._pos[index] + 1
-        if row >= self.num_layers:  # the last layer (of the model, or of this stage's shard)
+        if index + 1 >= self.num_layers:
             return None
-        nxt = self._routers[row]
+        nxt = self._routers[index + 1]
         return lambda: self.adapter.router_probs(nxt.forward(router_input.detach())).detach()
 
     def finish_iteration(self, iteration: int) -> IterationRecord | None:

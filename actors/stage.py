@@ -7,13 +7,16 @@ iteration: its prompt at prefill, one token at decode). A step carries its activ
 iteration's semantic embedding (stage 0 computes it from the token embeddings) and the
 *trajectory*: the pooled router distribution of every MoE layer run so far in this iteration, so
 a downstream stage's policy predicts from all earlier layers, not only its own. The last stage
-turns the activations into the next token (``TokenSampler``: generate()'s own rules).
+turns the activations into the next token (``TokenSampler``: generate()'s own rules) and
+publishes each finished iteration's expert map (its embedding and all L layers' distributions).
 
 Each request's KV cache lives on the stage that owns its layers, keyed by the request id, from
-its prefill until a micro-batch lists it in ``release``. Requests of one micro-batch run one
-after the other through the stage's layers (no padding, so every request's numbers are exactly
-those of running it alone), and share the expert cache: an expert loaded for one is a hit for
-the next.
+its prefill until a micro-batch lists it in ``release``. A micro-batch runs layer by layer: at
+each layer, every request's own computation in turn (no padding, so every request's numbers are
+exactly those of running it alone), so an expert that one request loaded is resident for the
+others at the same layer, as in a batched forward pass. For the policy the micro-batch is one
+iteration of a batch: one semantic embedding per request, the earlier stages' router
+distributions per request, and a router event per request and layer.
 
 Lifecycle: ``PipelineStage(config, spec)`` loads; ``warm_up``; ``forward`` (many times);
 ``health``; ``stats``; ``close``.
@@ -45,7 +48,6 @@ from actors.engine import (
 from actors.expert_cache import ExpertCache
 from actors.host_store import HostExpertStore
 from actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner
-from actors.recorder import RoutingRecorder
 from actors.sampling import SamplingParams, TokenSampler
 from actors.slot_pool import SlotPool
 from actors.transfer import EmulatedLink, make_transfer
@@ -177,6 +179,8 @@ class PipelineStage:
             self.num_moe_layers, self.num_experts, self.top_k, self.num_slots, config.prefetch,
             dict(policy_options or {}), layers=tuple(m.index for m in self.moe),
         )  # fmt: skip
+        self.replica = ctx.options.get("replica")  # the last stage publishes maps (per request, below)
+        ctx.options["publish"] = False
         self.policy = make_policy(config.policy, ctx)
         self.pool = SlotPool(self.num_slots, self.host.shapes, dtype, self.device)
         first = make_transfer("cuda" if mode == "cuda" else "instant", self.pool, self.device, None)
@@ -195,8 +199,9 @@ class PipelineStage:
         for m in self.moe:
             m.experts._expertmap_layer = m.index
             m.experts._expertmap_runner = self.runner
-        self.recorder = RoutingRecorder(self.adapter, self.moe, on_router=self.policy.on_router)
-        self.recorder.keep = False
+        self._probs: list[list[torch.Tensor]] = []  # per request of the running micro-batch: [J] per own MoE layer
+        self._current = 0  # which request of the micro-batch is computing
+        self._hooks = [m.router.register_forward_hook(self._router_hook(row)) for row, m in enumerate(self.moe)]
         self.attention_types = [self.adapter.attention_type(self.hf_config, i) for i in range(spec.start, spec.end)]
         if self.policy.all_resident:
             self.cache.preload(self.host.keys())
@@ -248,6 +253,8 @@ class PipelineStage:
         return {"stage": self.spec.index, "requests": len(self.requests), "iteration": self.iteration}
 
     def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
         self.cache.close()
         self.policy.close()
 
@@ -257,15 +264,14 @@ class PipelineStage:
         with self._lock:
             for rid in mb.release:
                 self.requests.pop(rid, None)
-            for step in mb.steps:
+            if mb.steps:
                 t0 = time.perf_counter()
-                before = self.cache.snapshot_stats()
-                self._run_step(step)
-                step.cache = step.cache.merge(self.cache.snapshot_stats().minus(before))
+                self._run(mb.steps)
                 dt = time.perf_counter() - t0
-                step.stage_s.append(dt)
+                for step in mb.steps:
+                    step.stage_s.append(dt)
                 self.busy_s += dt
-                self.steps_done += 1
+                self.steps_done += len(mb.steps)
         return mb
 
     def _state(self, step: Step) -> _RequestState:
@@ -293,49 +299,87 @@ class PipelineStage:
             )
         return state
 
-    def _run_step(self, step: Step) -> None:
-        state = self._state(step)
-        ids = torch.tensor([step.token_ids], device=self.device)  # [1, T]
+    def _run(self, steps: list[Step]) -> None:
+        """One iteration of every request in ``steps``, layer by layer."""
+        for step in steps:
+            rows = 0 if step.trajectory is None else len(step.trajectory)
+            if rows != self.moe_before:
+                raise StageStateError(f"stage {self.spec.index} expects the trajectory of {self.moe_before} "
+                                      f"earlier MoE layers, got {rows} (request {step.rid!r})")  # fmt: skip
+        states = [self._state(step) for step in steps]
+        hidden = []
+        for step in steps:
+            if self.spec.first:
+                ids = torch.tensor([step.token_ids], device=self.device)  # [1, T]
+                h = self.model.model.embed_tokens(ids)  # [1, T, H]
+                step.embedding = h.detach().float().mean(dim=1)  # [1, D]
+            else:
+                h = step.hidden.to(self.device)
+            hidden.append(h)
         self.iteration += 1
-        if self.spec.first:
-            hidden = self.model.model.embed_tokens(ids)  # [1, T, H]
-            step.embedding = hidden.detach().float().mean(dim=1)  # [1, D]
-        else:
-            hidden = step.hidden.to(self.device)
-        self.policy.on_iteration_start(self.iteration, step.embedding)
-        self.recorder.begin((1, ids.shape[1]), step.embedding)
-        self._replay_trajectory(step.trajectory)
+        self.policy.on_iteration_start(self.iteration, torch.cat([s.embedding for s in steps]))  # [B, D]
+        self._replay_trajectories(steps)
         self.cache.poke()
-        hidden = self._layers(hidden, state.cache, step.start)
-        record = self.recorder.finish_iteration(self.iteration)
-        if record is not None and len(self.moe):
-            own = record.expert_map[0]  # [L_own, J]
-            step.trajectory = own if step.trajectory is None else np.concatenate([step.trajectory, own])
+        inputs = [self._layer_inputs(h, st.cache, s.start) for h, st, s in zip(hidden, states, steps)]
+        self._probs = [[] for _ in steps]
+        for layer, kind in zip(self.layers, self.attention_types):
+            for i, (step, state, (position_ids, masks, rotary)) in enumerate(zip(steps, states, inputs)):
+                self._current = i
+                before = self.cache.snapshot_stats()
+                hidden[i] = layer(
+                    hidden[i], attention_mask=masks[kind], position_ids=position_ids, cache=state.cache,
+                    use_cache=True, position_embeddings=rotary,
+                )  # fmt: skip
+                step.cache = step.cache.merge(self.cache.snapshot_stats().minus(before))
         self.policy.on_iteration_end(self.iteration)
-        state.length += ids.shape[1]
-        if self.spec.last:
-            hidden = self.model.model.norm(hidden)
-            logits = self.model.lm_head(hidden[:, -1:, :])[:, -1, :]  # [1, V]
-            step.token = state.sampler.next_token(logits)
-            step.hidden = None
-        else:
-            step.hidden = hidden
+        for i, (step, state) in enumerate(zip(steps, states)):
+            if self._probs[i]:
+                own = torch.stack(self._probs[i]).cpu().numpy()  # [L_own, J]
+                step.trajectory = own if step.trajectory is None else np.concatenate([step.trajectory, own])
+            state.length += len(step.token_ids)
+            if self.spec.last:
+                self._finish(step, state, hidden[i])
+            else:
+                step.hidden = hidden[i]
 
-    def _replay_trajectory(self, trajectory: np.ndarray | None) -> None:
-        """Show the policy what earlier stages' routers chose in this iteration (no gate: the
-        next layer's router input is not known here)."""
-        rows = 0 if trajectory is None else len(trajectory)
-        if rows != self.moe_before:
-            raise StageStateError(
-                f"stage {self.spec.index} expects the trajectory of {self.moe_before} earlier MoE layers, got {rows}"
-            )
-        for layer in range(rows):
-            self.policy.on_router(RouterEvent(layer, torch.from_numpy(trajectory[layer])[None]))
+    def _finish(self, step: Step, state: _RequestState, hidden: torch.Tensor) -> None:
+        """Last stage: the next token, and the iteration's expert map to the store."""
+        hidden = self.model.model.norm(hidden)
+        logits = self.model.lm_head(hidden[:, -1:, :])[:, -1, :]  # [1, V]
+        step.token = state.sampler.next_token(logits)
+        step.hidden = None
+        if self.replica is not None and step.trajectory is not None and len(step.trajectory) == self.num_moe_layers:
+            self.replica.publish(step.embedding[0].cpu().numpy(), step.trajectory)
+
+    def _router_hook(self, row: int):
+        """After a router runs: keep the request's pooled distribution, tell the policy (with the
+        cross-layer gate of the next MoE layer of this stage, computed only if asked)."""
+        layer = self.moe[row].index
+        nxt = self.moe[row + 1].router if row + 1 < len(self.moe) else None
+
+        def hook(module, args, output):
+            probs = self.adapter.router_probs(output).detach()  # [T, J]
+            self._probs[self._current].append(probs.float().mean(dim=0))
+            gate = None
+            if nxt is not None:
+                router_input = args[0].detach()
+                gate = lambda: self.adapter.router_probs(nxt.forward(router_input)).detach()  # noqa: E731
+            self.policy.on_router(RouterEvent(layer, probs, gate))
+
+        return hook
+
+    def _replay_trajectories(self, steps: list[Step]) -> None:
+        """Show the policy what earlier stages' routers chose in this iteration, one event per
+        earlier MoE layer with every request's distribution (no gate: the next layer's router
+        input is not known here)."""
+        for layer in range(self.moe_before):
+            probs = torch.from_numpy(np.stack([s.trajectory[layer] for s in steps]))  # [B, J]
+            self.policy.on_router(RouterEvent(layer, probs))
             self.policy.pos.layer = layer
 
-    def _layers(self, hidden: torch.Tensor, cache, start: int) -> torch.Tensor:
-        """This stage's decoder layers, with the masks and rotary embeddings the family's own
-        ``Model.forward`` would give them at these positions."""
+    def _layer_inputs(self, hidden: torch.Tensor, cache, start: int):
+        """(position ids, masks by attention type, rotary embeddings) for one request at these
+        positions, as the family's own ``Model.forward`` builds them."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         T = hidden.shape[1]
@@ -349,13 +393,7 @@ class PipelineStage:
                     config=self.hf_config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
                     position_ids=position_ids, layer_idx=first,
                 )  # fmt: skip
-        position_embeddings = self.model.model.rotary_emb(hidden, position_ids)
-        for layer, kind in zip(self.layers, self.attention_types):
-            hidden = layer(
-                hidden, attention_mask=masks[kind], position_ids=position_ids, cache=cache, use_cache=True,
-                position_embeddings=position_embeddings,
-            )  # fmt: skip
-        return hidden
+        return position_ids, masks, self.model.model.rotary_emb(hidden, position_ids)
 
     # --- figures --------------------------------------------------------------------------------
     def stats(self) -> dict:
