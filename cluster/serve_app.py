@@ -35,6 +35,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
 from ray import serve  # noqa: E402
 
@@ -65,8 +66,11 @@ class AppArgs(BaseModel):
     policy: str = "hybrid"
     prefetch_distance: int = Field(default=3, ge=1)
     redis_url: str | None = None  # None: the embedded in-process expert-map store
+    store_capacity: int = Field(default=1000, ge=1, le=4096)  # expert maps the store keeps (FineMoE: 1,000)
     max_queue: int = Field(default=64, ge=1)  # requests admitted at once (generating or waiting); beyond: 429
     max_batch: int = Field(default=8, ge=1)  # requests per pipeline micro-batch at most
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger request bodies get 413
+    max_tokens_limit: int = Field(default=1024, ge=1)  # most tokens one choice may ask for (400 beyond)
     api_keys_env: str | None = None  # env var holding accepted API keys, comma-separated
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
@@ -75,7 +79,8 @@ class AppArgs(BaseModel):
     device: str = "auto"  # auto: cuda when the replica sees one, else cpu
     allow_unauthenticated: bool = False  # serve beyond loopback without API keys (explicit opt-in)
 
-    @field_validator("gpus", "prefetch_distance", "max_queue", "max_batch", "port", mode="before")
+    @field_validator("gpus", "prefetch_distance", "max_queue", "max_batch", "max_body_bytes", "max_tokens_limit", "store_capacity", "port",
+                     mode="before")
     @classmethod
     def _strict_int(cls, v):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -159,7 +164,7 @@ def make_pipeline(a: AppArgs):
     from cluster.pipeline import Pipeline, PipelineConfig
 
     return Pipeline(PipelineConfig(engine=engine_config(a), gpus=a.gpus, max_batch=a.max_batch, redis_url=a.redis_url,
-                                   prefetch_distance=a.prefetch_distance))  # fmt: skip
+                                   prefetch_distance=a.prefetch_distance, store_capacity=a.store_capacity))  # fmt: skip
 
 
 def _loopback_replica_grpc() -> None:
@@ -543,12 +548,46 @@ class Metrics:
 app = FastAPI(title="ExpertMap", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's own errors (unknown route 404, wrong method 405) in the OpenAI error shape too."""
+    body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
+                      "code": "method_not_allowed" if exc.status_code == 405 else "not_found" if exc.status_code == 404 else None}}  # fmt: skip
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
 def _now() -> int:
     return int(time.time())
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def openapi_document() -> dict:
+    """The app's OpenAPI document: FastAPI's, with the JSON bodies the routes parse themselves."""
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title="ExpertMap", version="1", routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in (("/v1/chat/completions", ChatBody), ("/v1/completions", CompletionBody)):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+        doc["paths"][path]["post"]["requestBody"] = {
+            "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }  # fmt: skip
+    return doc
+
+
+def _generation_error(message: str) -> "APIError":
+    """A failed generation as an HTTP error: 503 (retry) when a stage failed or the server shuts
+    down, 500 otherwise."""
+    retry = any(name in message for name in ("pipeline stage failed", "shut down"))
+    if retry:
+        return APIError(503, f"generation interrupted: {message}", type="server_error", code="unavailable",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
+    return APIError(500, f"generation failed: {message}", type="server_error", code="internal_error")
 
 
 @serve.ingress(app)  # at import time, so every replica that imports this module gets the same routes
@@ -629,6 +668,23 @@ class ExpertMapServer:
         self.metrics.count(route, response.status_code, time.perf_counter() - t0)
         return response
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, refused with 413 beyond ``max_body_bytes`` (read in chunks: an oversized
+        body is never held in memory whole)."""
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = APIError(413, f"the request body is larger than this server accepts ({limit} bytes)",
+                           code="request_too_large")  # fmt: skip
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def _check_model(self, name: str) -> None:
         if name != self.model_id:
             raise APIError(404, f"The model {name!r} does not exist; this server serves {self.model_id!r}.",
@@ -640,8 +696,12 @@ class ExpertMapServer:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens; your prompt has "
                            f"{n} tokens, which leaves no room for a completion.", param=param,
                            code="context_length_exceeded")  # fmt: skip
+        cap = self.args.max_tokens_limit
         if max_tokens is None:
-            return min(default, self.context - n)
+            return min(default, cap, self.context - n)
+        if max_tokens > cap:
+            raise APIError(400, f"max_tokens {max_tokens} is more than this server generates per choice ({cap}).",
+                           param="max_tokens", code="invalid_value")  # fmt: skip
         if n + max_tokens > self.context:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens; you requested "
                            f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion).",
@@ -795,7 +855,7 @@ class ExpertMapServer:
         t0 = time.perf_counter()
 
         async def run():
-            body = parse_body(ChatBody, await request.body())
+            body = parse_body(ChatBody, await self._read_body(request))
             self._check_model(body.model)
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -814,7 +874,7 @@ class ExpertMapServer:
         t0 = time.perf_counter()
 
         async def run():
-            body = parse_body(CompletionBody, await request.body())
+            body = parse_body(CompletionBody, await self._read_body(request))
             self._check_model(body.model)
             if isinstance(body.prompt, str):
                 ids = self.tokenizer(body.prompt).input_ids
@@ -829,6 +889,13 @@ class ExpertMapServer:
             return await self._generate("/v1/completions", "completion", request, ids, body, max_tokens, t0)
 
         return await self._handle("/v1/completions", request, run)
+
+    @app.get("/openapi.json")
+    async def openapi_route(self, request: Request):
+        async def run():
+            return JSONResponse(openapi_document())
+
+        return await self._handle("/openapi.json", request, run)
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -892,16 +959,6 @@ class ExpertMapServer:
             self.pipeline.close()
         except Exception:
             pass
-
-
-def _generation_error(message: str) -> "APIError":
-    """A failed generation as an HTTP error: 503 (retry) when a stage failed or the server shuts
-    down, 500 otherwise."""
-    retry = any(name in message for name in ("pipeline stage failed", "shut down"))
-    if retry:
-        return APIError(503, f"generation interrupted: {message}", type="server_error", code="unavailable",
-                        headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
-    return APIError(500, f"generation failed: {message}", type="server_error", code="internal_error")
 
 
 def build_app(args: dict | None = None):

@@ -41,8 +41,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening() -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket listening on this machine."""
+    import psutil
+
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+
+LISTENING_BEFORE: set[tuple[str, int]] = set()
+
+
 @pytest.fixture(scope="module")
 def server():
+    LISTENING_BEFORE.update(listening())
     os.environ[KEYS_ENV] = ",".join(KEYS)  # before ray.init: the replicas inherit it
     import ray
     from ray import serve
@@ -303,6 +314,14 @@ def test_api_keys(server):
     assert good.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3).choices[0].text is not None
     # the open app needs no key
     assert requests.get(f"{server}/v1/models", timeout=30).status_code == 200
+
+
+def test_nothing_listens_beyond_loopback(server, client):
+    client.models.list()  # everything is up: Ray, Serve's proxy, the replicas, the stage actors
+    new = listening() - LISTENING_BEFORE
+    assert new, "the app should listen somewhere"
+    exposed = sorted(a for a in new if a[0] not in ("127.0.0.1", "::1"))
+    assert not exposed, f"listening beyond loopback: {exposed}"
 
 
 # --- the builder's arguments (no Ray needed) ------------------------------------------------------
