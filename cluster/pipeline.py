@@ -262,7 +262,7 @@ class Scheduler:
             take = []
             while self._ready and len(take) < size:
                 req = self._ready.popleft()
-                if req.cancelled and req.start > 0:  # between iterations: stop here
+                if req.cancelled:  # before its first or between iterations: stop here
                     req.finish_reason = "cancelled"
                     self._finish(req)
                     continue
@@ -304,7 +304,7 @@ class Scheduler:
 
     def _finish(self, req: PipelineRequest, error: BaseException | None = None) -> None:
         self._active.pop(req.rid, None)
-        if req.start > 0 or error is None:
+        if req.start > 0:  # the stages hold its KV caches
             self._release.append(req.key)
         if error is not None:
             req.fail(error)

@@ -19,13 +19,14 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import json
 import signal
-import socket
 import threading
 import time
 from collections import Counter
 
 import pytest
 import requests
+
+from tests.serve_harness import serve_on_loopback
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(900), pytest.mark.filterwarnings(r"ignore::DeprecationWarning")]
 
@@ -43,32 +44,15 @@ _counter = iter(range(10**9))
 REPORT: dict = {"faults": []}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def app(redis_server):
-    import ray
-    from ray import serve
-
-    from cluster.serve_app import build_app
-
-    port = _free_port()
-    ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     args = {"model": "models/expertmap-moe-tiny", "gpus": 3, "budget": 0.25, "policy": "hybrid", "link": "instant",
             "max_queue": MAX_QUEUE, "redis_url": redis_server.url, "store_capacity": CAPACITY}  # fmt: skip
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="faults", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        with serve_on_loopback({"faults": ("/", args)}, gpus=3) as url:
+            yield url
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
         path = os.environ.get("EXPERTMAP_FAULTS_REPORT")
         if path:
             with open(path, "w") as f:

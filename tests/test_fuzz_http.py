@@ -9,42 +9,22 @@ import os
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
-import socket
-
 import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from tests.serve_harness import serve_on_loopback
+
 pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(900), pytest.mark.filterwarnings(r"ignore::DeprecationWarning")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def live_app():
-    import ray
-    from ray import serve
-
-    from cluster.serve_app import build_app
-
-    port = _free_port()
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     args = {"model": "models/expertmap-moe-tiny", "gpus": 1, "policy": "on-demand", "link": "instant",
             "max_queue": 16, "max_tokens_limit": 8}  # fmt: skip
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(args), name="fuzz", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+    with serve_on_loopback({"fuzz": ("/", args)}, gpus=1) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 import json
 import re
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import pytest
 import requests
 
 from actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
+from tests.serve_harness import serve_on_loopback
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings(r"ignore::DeprecationWarning")]
 
@@ -33,12 +33,6 @@ STRICT_ARGS = {**OPEN_ARGS, "policy": "on-demand", "max_queue": 1, "api_keys_env
                "link": "rtx3090-pcie4-mixtral"}  # fmt: skip
 PROMPT = "def fibonacci(n):"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening() -> set[tuple[str, int]]:
@@ -55,24 +49,11 @@ LISTENING_BEFORE: set[tuple[str, int]] = set()
 def server():
     LISTENING_BEFORE.update(listening())
     os.environ[KEYS_ENV] = ",".join(KEYS)  # before ray.init: the replicas inherit it
-    import ray
-    from ray import serve
-
-    from cluster.serve_app import build_app
-
-    port = _free_port()
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(OPEN_ARGS), name="open", route_prefix="/")
-        serve.run(build_app(STRICT_ARGS), name="strict", route_prefix="/strict")
-        yield f"http://127.0.0.1:{port}"
+        with serve_on_loopback({"open": ("/", OPEN_ARGS), "strict": ("/strict", STRICT_ARGS)}, gpus=2) as url:
+            yield url
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            os.environ.pop(KEYS_ENV, None)
+        os.environ.pop(KEYS_ENV, None)
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +295,22 @@ def test_api_keys(server):
     assert good.completions.create(model=MODEL_ID, prompt=PROMPT, max_tokens=3).choices[0].text is not None
     # the open app needs no key
     assert requests.get(f"{server}/v1/models", timeout=30).status_code == 200
+
+
+def test_unknown_routes_and_methods_get_openai_shaped_errors(server):
+    """Regression (found by schemathesis): FastAPI's own 404/405 came as {"detail": ...}."""
+    r = requests.put(f"{server}/v1/chat/completions", json={}, timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = requests.get(f"{server}/v1/nope", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+    doc = requests.get(f"{server}/openapi.json", timeout=30).json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(doc["paths"])
+
+
+def test_openapi_document_needs_the_key_when_keys_are_on(server):
+    assert requests.get(f"{server}/strict/openapi.json", timeout=30).status_code == 401
+    ok = requests.get(f"{server}/strict/openapi.json", headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=30)
+    assert ok.status_code == 200 and "paths" in ok.json()
 
 
 def test_nothing_listens_beyond_loopback(server, client):
