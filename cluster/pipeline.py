@@ -304,7 +304,7 @@ class Scheduler:
 
     def _finish(self, req: PipelineRequest, error: BaseException | None = None) -> None:
         self._active.pop(req.rid, None)
-        if req.start > 0:  # the stages hold its KV caches
+        if req.started_at is not None:  # it entered the pipeline: stages may hold its KV caches
             self._release.append(req.key)
         if error is not None:
             req.fail(error)
