@@ -45,6 +45,14 @@ def listening() -> set[tuple[str, int]]:
 LISTENING_BEFORE: set[tuple[str, int]] = set()
 
 
+def _loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is loopback too
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
 @pytest.fixture(scope="module")
 def server():
     LISTENING_BEFORE.update(listening())
@@ -317,7 +325,7 @@ def test_nothing_listens_beyond_loopback(server, client):
     client.models.list()  # everything is up: Ray, Serve's proxy, the replicas, the stage actors
     new = listening() - LISTENING_BEFORE
     assert new, "the app should listen somewhere"
-    exposed = sorted(a for a in new if a[0] not in ("127.0.0.1", "::1"))
+    exposed = sorted(a for a in new if not _loopback(a[0]))
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
