@@ -52,7 +52,8 @@ from actors.sampling import SamplingParams, TokenSampler
 from actors.slot_pool import SlotPool
 from actors.transfer import EmulatedLink, make_transfer
 from predictor.policies import PolicyContext, make_policy
-from predictor.policies.base import RouterEvent
+from predictor.policies.base import Prefetch, RouterEvent
+from predictor.search import experts_to_fetch
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,8 @@ class PipelineStage:
         if self.policy.all_resident:
             self.cache.preload(self.host.keys())
         self.requests: dict[str, _RequestState] = {}
+        self.on_embeddings = None  # stage 0: callback(embeddings [B, D]) as soon as a micro-batch is embedded
+        self.hint_distance = int(ctx.options.get("prefetch_distance", 3))
         self.iteration = -1
         self.busy_s = 0.0
         self.steps_done = 0
@@ -316,6 +319,9 @@ class PipelineStage:
             else:
                 h = step.hidden.to(self.device)
             hidden.append(h)
+        if self.on_embeddings is not None:  # downstream stages start copying before the activations come
+            self.on_embeddings(torch.cat([s.embedding for s in steps]).cpu().numpy())
+        self.cache.set_hint([])  # this micro-batch's own plan takes over
         self.iteration += 1
         self.policy.on_iteration_start(self.iteration, torch.cat([s.embedding for s in steps]))  # [B, D]
         self._replay_trajectories(steps)
@@ -350,6 +356,25 @@ class PipelineStage:
         step.hidden = None
         if self.replica is not None and step.trajectory is not None and len(step.trajectory) == self.num_moe_layers:
             self.replica.publish(step.embedding[0].cpu().numpy(), step.trajectory)
+
+    def hint(self, embeddings: np.ndarray) -> int:
+        """Stage 0 embedded a micro-batch that will come here: plan this stage's first ``d`` MoE
+        layers from the semantic search (FineMoE's rule: the best stored map's experts up to the
+        similarity-adjusted count, priority p / distance), so an idle link starts copying before
+        the activations arrive. Thread-safe (a Ray actor calls it beside ``forward``); how many
+        experts were planned."""
+        index = self.replica.index() if self.replica is not None else None
+        if index is None or not self.moe:
+            return 0
+        best_p: dict = {}
+        for emb in np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1):  # [B, D]
+            best, sim = index.semantic(emb)
+            for rank, m in enumerate(self.moe[: self.hint_distance]):
+                for e, p in experts_to_fetch(index.maps[best, m.index], sim, self.top_k):
+                    key = (m.index, e)
+                    best_p[key] = max(best_p.get(key, 0.0), p / (rank + 1))
+        self.cache.set_hint([Prefetch(k, p) for k, p in best_p.items()])
+        return len(best_p)
 
     def _router_hook(self, row: int):
         """After a router runs: keep the request's pooled distribution, tell the policy (with the

@@ -386,6 +386,8 @@ class Pipeline:
         self.layer_time_s = layer_time
         self.stages += [make(spec, layer_time) for spec in self.specs[len(self.stages):]]
         ray.get([s.health.remote() for s in self.stages], timeout=config.ready_timeout_s)
+        if self.map_service is not None and len(self.stages) > 1:  # semantic hints to the later stages
+            ray.get(self.stages[0].set_downstream.remote(self.stages[1:]))
         self.nodes = bundle_nodes(self.pg)
         logger.info("pipeline of %d stages ready in %.1f s (layers %s, nodes %d)", len(self.stages),
                     time.perf_counter() - t0, [(s.start, s.end) for s in self.specs], len(set(self.nodes)))  # fmt: skip

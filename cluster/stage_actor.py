@@ -68,6 +68,21 @@ class StageActor:
         self.stage = PipelineStage(config, spec, layer_time_s, options)
         self.stage.warm_up()
         self.metrics = _StageMetrics(spec.index)
+        self.downstream: list = []
+
+    @ray.method(concurrency_group="control")
+    def set_downstream(self, handles: list) -> None:
+        """Stage 0: the later stages, told each micro-batch's embeddings before its activations."""
+        self.downstream = list(handles)
+        self.stage.on_embeddings = self._tell_downstream if self.downstream else None
+
+    def _tell_downstream(self, embeddings) -> None:
+        for h in self.downstream:
+            h.hint.remote(embeddings)  # fire and forget: a hint that comes late is simply replaced
+
+    @ray.method(concurrency_group="control")
+    def hint(self, embeddings) -> int:
+        return self.stage.hint(embeddings)
 
     def forward(self, mb: MicroBatch) -> MicroBatch:
         out = self.stage.forward(mb)

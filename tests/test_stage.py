@@ -101,3 +101,42 @@ def test_a_step_for_a_lost_kv_cache_is_refused(bundled_model):
             stage.forward(MicroBatch([Step("y", 7, [3])]))
     finally:
         stage.close()
+
+
+def test_stage_zero_hints_the_next_stage_before_its_activations_arrive(bundled_model):
+    """The semantic search for stage 1's first layers runs as soon as stage 0 has embedded the
+    micro-batch; stage 1's idle link copies the predicted experts before its own step starts."""
+    import time
+
+    import numpy as np
+
+    from predictor.map_store_memory import InMemoryMapStore
+    from predictor.replica import StoreReplica
+
+    rng = np.random.default_rng(0)
+    store = InMemoryMapStore(8, 16, 128, prefetch_distance=3)
+    maps = rng.dirichlet(np.full(16, 0.3), size=(4, 8)).astype(np.float32)  # [N, L, J]
+    for m in maps:
+        store.add(rng.standard_normal(128).astype(np.float32), m)
+    config = EngineConfig(policy="hybrid", budget=0.5, link=INSTANT)
+    specs = split_layers(8, 2)
+    stages = [PipelineStage(config, spec, policy_options={"replica": StoreReplica(store), "prefetch_distance": 3})
+              for spec in specs]  # fmt: skip
+    hinted: list[int] = []
+    stages[0].on_embeddings = lambda emb: hinted.append(stages[1].hint(emb))
+    try:
+        prompt = bundled_model.tokenizer("The river flows").input_ids
+        mb = stages[0].forward(MicroBatch([Step("a", 0, prompt, SamplingParams(max_new_tokens=2))]))
+        assert hinted and hinted[0] > 0
+        deadline = time.monotonic() + 10
+        while stages[1].cache.snapshot_stats().prefetched < hinted[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        before = stages[1].cache.resident_keys()
+        assert before and {layer for layer, _ in before} <= {m.index for m in stages[1].moe[:3]}
+        assert stages[1].cache.snapshot_stats().prefetched == len(before)  # copied before stage 1 ran
+        out = stages[1].forward(mb)
+        want = engine_tokens(config, [prompt])[0]
+        assert out.steps[0].token == want[0]
+    finally:
+        for s in stages:
+            s.close()
