@@ -52,7 +52,7 @@ from actors.sampling import SamplingParams, TokenSampler
 from actors.slot_pool import SlotPool
 from actors.transfer import EmulatedLink, make_transfer
 from predictor.policies import PolicyContext, make_policy
-from predictor.policies.base import Prefetch, RouterEvent
+from predictor.policies.base import Position, Prefetch, RouterEvent
 from predictor.search import experts_to_fetch
 
 logger = logging.getLogger(__name__)
@@ -338,6 +338,9 @@ class PipelineStage:
                 )  # fmt: skip
                 step.cache = step.cache.merge(self.cache.snapshot_stats().minus(before))
         self.policy.on_iteration_end(self.iteration)
+        # what this stage does next is its first layer of the next iteration: say so to the policy
+        # now, so that eviction, protection and admission of hinted prefetches look ahead from there
+        self.policy.pos = Position(self.iteration + 1, self.moe_before - 1)
         for i, (step, state) in enumerate(zip(steps, states)):
             if self._probs[i]:
                 own = torch.stack(self._probs[i]).cpu().numpy()  # [L_own, J]
