@@ -57,6 +57,7 @@ class PipelineConfig(BaseModel):
     sync_interval_s: float = Field(default=1.0, gt=0)  # how often a stage's replica asks for a new version
     torch_threads: int | None = 1  # intra-op threads per stage on a CPU device (None: torch's default)
     ready_timeout_s: float = Field(default=900.0, gt=0)
+    hints: bool = True  # stage 0 sends each micro-batch's embeddings ahead to the later stages
 
     def model_post_init(self, _):
         if self.placement not in STRATEGIES:
@@ -386,7 +387,7 @@ class Pipeline:
         self.layer_time_s = layer_time
         self.stages += [make(spec, layer_time) for spec in self.specs[len(self.stages):]]
         ray.get([s.health.remote() for s in self.stages], timeout=config.ready_timeout_s)
-        if self.map_service is not None and len(self.stages) > 1:  # semantic hints to the later stages
+        if config.hints and self.map_service is not None and len(self.stages) > 1:  # semantic hints ahead
             ray.get(self.stages[0].set_downstream.remote(self.stages[1:]))
         self.nodes = bundle_nodes(self.pg)
         logger.info("pipeline of %d stages ready in %.1f s (layers %s, nodes %d)", len(self.stages),
