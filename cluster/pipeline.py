@@ -182,8 +182,9 @@ class _SchedulerMetrics:
 class Scheduler:
     """Continuous batching over a chain of stage actors (see the module docstring)."""
 
-    def __init__(self, stages: list, max_batch: int = 8):
+    def __init__(self, stages: list, max_batch: int = 8, on_stage_failure: Callable[[], None] | None = None):
         self.stages = stages
+        self.on_stage_failure = on_stage_failure  # e.g. re-arm what a restarted stage forgot
         self.max_batch = max_batch
         self.depth = len(stages) + 1  # micro-batches in flight
         self._cv = threading.Condition()
@@ -331,6 +332,11 @@ class Scheduler:
             else:
                 req.restart()
         self._ready = deque(r for r in self._active.values())
+        if self.on_stage_failure is not None:
+            try:
+                self.on_stage_failure()
+            except Exception:
+                logger.exception("on_stage_failure callback failed")
 
 
 class Pipeline:
@@ -387,12 +393,16 @@ class Pipeline:
         self.layer_time_s = layer_time
         self.stages += [make(spec, layer_time) for spec in self.specs[len(self.stages):]]
         ray.get([s.health.remote() for s in self.stages], timeout=config.ready_timeout_s)
+        rearm = None
         if config.hints and self.map_service is not None and len(self.stages) > 1:  # semantic hints ahead
             ray.get(self.stages[0].set_downstream.remote(self.stages[1:]))
+
+            def rearm():  # a restarted stage 0 starts without its downstream list (queued until it is back)
+                self.stages[0].set_downstream.remote(self.stages[1:])
         self.nodes = bundle_nodes(self.pg)
         logger.info("pipeline of %d stages ready in %.1f s (layers %s, nodes %d)", len(self.stages),
                     time.perf_counter() - t0, [(s.start, s.end) for s in self.specs], len(set(self.nodes)))  # fmt: skip
-        self.scheduler = Scheduler(self.stages, config.max_batch)
+        self.scheduler = Scheduler(self.stages, config.max_batch, rearm)
         self._ids = itertools.count()
         self._closed = False
 
