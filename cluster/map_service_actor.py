@@ -38,7 +38,7 @@ class MapServiceActor:
                 return InMemoryMapStore(capacity=capacity, **shape)
 
         self.service = ExpertMapService(open_store, max_pending=max_pending)
-        self.shape = shape
+        self.config = {"shape": shape, "redis_url": redis_url, "namespace": namespace, "capacity": capacity}
 
     def add(self, embedding, expert_map) -> bool:
         return self.service.add(embedding, expert_map)
@@ -60,7 +60,8 @@ class MapServiceActor:
         return self.service.flush()
 
     def describe(self) -> dict:
-        return self.shape
+        """What this service was built for: shape, store (Redis url or None: in-process), namespace, capacity."""
+        return self.config
 
 
 def map_service(shape: dict, redis_url: str | None, namespace: str = "expertmap", capacity: int = 1000,
@@ -70,8 +71,17 @@ def map_service(shape: dict, redis_url: str | None, namespace: str = "expertmap"
         shape, redis_url, namespace, capacity, max_pending
     )
     found = ray.get(handle.describe.remote())
-    if found != shape:
-        raise ValueError(f"expert-map service {name!r} serves maps of shape {found}, this model needs {shape}")
+    wanted = {"shape": shape, "redis_url": redis_url, "namespace": namespace, "capacity": capacity}
+    if found != wanted:
+        from predictor.map_store_redis import _redact
+
+        def show(c: dict) -> dict:
+            return {**c, "redis_url": _redact(c["redis_url"]) if c["redis_url"] else "in-process"}
+
+        raise ValueError(
+            f"an expert-map service named {name!r} already runs with {show(found)}; this pipeline asks for "
+            f"{show(wanted)}: give it another map_service_name, or the same store settings"
+        )
     return handle
 
 

@@ -147,7 +147,7 @@ def redis_entries(redis_server):
     from cluster.map_service_actor import SERVICE_NAME
     from predictor.map_store_redis import RedisMapStore
 
-    shape = ray.get(ray.get_actor(SERVICE_NAME).describe.remote())
+    shape = ray.get(ray.get_actor(SERVICE_NAME).describe.remote())["shape"]
     store = RedisMapStore(redis_server.url, "expertmap", capacity=CAPACITY, **shape)
     try:
         return store.arrays()

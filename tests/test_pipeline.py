@@ -124,7 +124,14 @@ def test_redis_stopped_and_restarted_under_load_loses_no_map(ray_cluster, prompt
     from predictor.map_store_redis import RedisMapStore
 
     ns = f"pipeline-{time.time_ns()}"
-    pipe = pipeline(2, redis_url=redis_server.url, store_namespace=ns)
+    from cluster.map_service_actor import map_service
+
+    # the default service name already serves the in-process store: a Redis pipeline must not reuse it
+    default = map_service({"num_layers": 8, "num_experts": 16, "embed_dim": 128, "prefetch_distance": 3}, None)
+    with pytest.raises(ValueError, match="already runs with"):
+        pipeline(2, redis_url=redis_server.url, store_namespace=ns)
+    assert ray.get(default.describe.remote())["redis_url"] is None  # untouched (the handle keeps it alive)
+    pipe = pipeline(2, redis_url=redis_server.url, store_namespace=ns, map_service_name=f"service-{ns}")
     service = pipe.map_service
     try:
         assert pipe.generate(prompts[:2], GREEDY, timeout=120) == reference["greedy"][:2]
