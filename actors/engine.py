@@ -115,6 +115,27 @@ def slots_for_budget(config: EngineConfig, host: HostExpertStore, top_k: int) ->
     return num_slots, budget_bytes
 
 
+def resolve_link_mode(link, device: torch.device) -> str:
+    """The link a device uses: ``auto`` is a real CUDA copy stream on a GPU, the emulated link elsewhere."""
+    if link.mode == "auto":
+        return "cuda" if device.type == "cuda" else "emulated"
+    return link.mode
+
+
+def link_bandwidth(link, expert_bytes: int, layer_time_s: float | None) -> float:
+    """The emulated link's bytes/s: given, or one expert copy = ``copy_layer_ratio`` layer times."""
+    if link.bandwidth_bytes_per_s is not None:
+        return link.bandwidth_bytes_per_s
+    return expert_bytes / (link.copy_layer_ratio * layer_time_s)
+
+
+def drop_fused_experts(adapter, moe_layers) -> None:
+    """The fused expert tensors become empty placeholders: experts live in the host store."""
+    for layer in moe_layers:
+        for name in adapter.expert_params:
+            setattr(layer.experts, name, nn.Parameter(torch.empty(0), requires_grad=False))
+
+
 def calibration_ids(tokenizer, hf_config) -> list[int]:
     if tokenizer is not None:
         return tokenizer("The expert cache calibrates its link.").input_ids
@@ -168,15 +189,13 @@ class OffloadEngine:
         self.host = HostExpertStore(
             self.adapter, CheckpointReader(folder), self.layers, self.num_experts, dtype, pin, progress
         )
-        mode = config.link.mode
-        if mode == "auto":
-            mode = "cuda" if self.device.type == "cuda" else "emulated"
+        mode = resolve_link_mode(config.link, self.device)
         self.layer_time_s: float | None = None
         if mode == "emulated" and config.link.bandwidth_bytes_per_s is None:
             if config.link.copy_layer_ratio is None:  # say so before the measurement, not after
                 raise ValueError("emulated link needs copy_layer_ratio or bandwidth_bytes_per_s")
             self.layer_time_s = self._measure_layer_time()
-        self._drop_fused_experts()
+        drop_fused_experts(self.adapter, self.layers)
         self.model.to(self.device)
 
         num_slots, self.budget_bytes = slots_for_budget(config, self.host, self.top_k)
@@ -223,21 +242,12 @@ class OffloadEngine:
         )
 
     # --- set-up helpers -----------------------------------------------------------------------
-    def _drop_fused_experts(self) -> None:
-        """The fused expert tensors are replaced by empty placeholders: experts live in the host store."""
-        for layer in self.layers:
-            for name in self.adapter.expert_params:
-                setattr(layer.experts, name, nn.Parameter(torch.empty(0), requires_grad=False))
-
     def _measure_layer_time(self) -> float:
         return measure_layer_time(self.model, calibration_ids(self.tokenizer, self.model.config), self.device)
 
     def _calibrate_link(self) -> None:
         """Set the emulated link's bandwidth (given, or from the ratio and the measured layer time)."""
-        link = self.config.link
-        bandwidth = link.bandwidth_bytes_per_s
-        if bandwidth is None:
-            bandwidth = self.host.expert_bytes / (link.copy_layer_ratio * self.layer_time_s)
+        bandwidth = link_bandwidth(self.config.link, self.host.expert_bytes, self.layer_time_s)
         self.bandwidth = bandwidth
         self.cache.transfer = EmulatedLink(self.pool, bandwidth)
         self.reset()

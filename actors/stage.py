@@ -40,9 +40,12 @@ from actors.config import EngineConfig
 from actors.engine import (
     _load_tokenizer,
     calibration_ids,
+    drop_fused_experts,
+    link_bandwidth,
     load_plain_model,
     measure_layer_time,
     open_model_folder,
+    resolve_link_mode,
     slots_for_budget,
 )
 from actors.expert_cache import ExpertCache
@@ -111,7 +114,6 @@ class Step:
     embedding: torch.Tensor | None = None  # [1, D] semantic embedding (stage 0 sets it)
     trajectory: np.ndarray | None = None  # [l, J] pooled router distribution of MoE layers run so far
     token: int | None = None  # the last stage's choice
-    stage_s: list[float] = field(default_factory=list)  # compute seconds on each stage
     cache: CacheStats = field(default_factory=CacheStats)  # cache counters during this step, summed over stages
 
 
@@ -154,9 +156,7 @@ class PipelineStage:
         self.top_k = self.adapter.top_k(self.hf_config)
         self.moe_before = sum(1 for m in all_moe if m.decoder_index < spec.start)  # trajectory rows expected
 
-        mode = config.link.mode
-        if mode == "auto":
-            mode = "cuda" if self.device.type == "cuda" else "emulated"
+        mode = resolve_link_mode(config.link, self.device)
         self.link_mode = mode
         self.layer_time_s = layer_time_s
         needs_time = mode == "emulated" and config.link.bandwidth_bytes_per_s is None
@@ -191,9 +191,7 @@ class PipelineStage:
         )  # fmt: skip
         self.bandwidth: float | None = None
         if mode == "emulated":
-            self.bandwidth = config.link.bandwidth_bytes_per_s or self.host.expert_bytes / (
-                config.link.copy_layer_ratio * self.layer_time_s
-            )
+            self.bandwidth = link_bandwidth(config.link, self.host.expert_bytes, self.layer_time_s)
             self.cache.transfer = EmulatedLink(self.pool, self.bandwidth)
         self.runner = ExpertRunner(self.adapter, self.cache, self.policy.on_layer_start)
         self.runner.num_layers = self.num_moe_layers
@@ -238,9 +236,7 @@ class PipelineStage:
         if not spec.last:
             inner.norm = nn.Identity()
             self.model.lm_head = nn.Identity()
-        for m in self.moe:
-            for name in self.adapter.expert_params:
-                setattr(m.experts, name, nn.Parameter(torch.empty(0), requires_grad=False))
+        drop_fused_experts(self.adapter, self.moe)
 
     # --- lifecycle ------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -270,10 +266,7 @@ class PipelineStage:
             if mb.steps:
                 t0 = time.perf_counter()
                 self._run(mb.steps)
-                dt = time.perf_counter() - t0
-                for step in mb.steps:
-                    step.stage_s.append(dt)
-                self.busy_s += dt
+                self.busy_s += time.perf_counter() - t0
                 self.steps_done += len(mb.steps)
         return mb
 

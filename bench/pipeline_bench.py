@@ -110,12 +110,9 @@ def stage_totals(stages: list[dict]) -> dict:
     }
 
 
-def prompt_ids(tokenizer, traces_or_records, max_prompt: int = 256) -> list[list[int]]:
-    out = []
-    for r in traces_or_records:
-        text = r.prompt if isinstance(r, RequestTrace) else r["prompt"]
-        out.append(tokenizer(text).input_ids[:max_prompt] or [tokenizer.bos_token_id])
-    return out
+def prompt_ids(tokenizer, records: list[dict], max_prompt: int = 256) -> list[list[int]]:
+    """Workload records' prompts as token ids (at most ``max_prompt``; an empty one becomes BOS)."""
+    return [tokenizer(r["prompt"]).input_ids[:max_prompt] or [tokenizer.bos_token_id] for r in records]
 
 
 def warm_entries(traces: list[RequestTrace]) -> list[tuple[np.ndarray, np.ndarray]]:
