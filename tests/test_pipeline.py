@@ -126,11 +126,12 @@ def test_redis_stopped_and_restarted_under_load_loses_no_map(ray_cluster, prompt
     ns = f"pipeline-{time.time_ns()}"
     from cluster.map_service_actor import map_service
 
-    # the default service name already serves the in-process store: a Redis pipeline must not reuse it
-    default = map_service({"num_layers": 8, "num_experts": 16, "embed_dim": 128, "prefetch_distance": 3}, None)
+    # a service of that name already serves an in-process store: a Redis pipeline must not reuse it
+    taken = f"in-process-{ns}"
+    other = map_service({"num_layers": 8, "num_experts": 16, "embed_dim": 128, "prefetch_distance": 3}, None, name=taken)
     with pytest.raises(ValueError, match="already runs with"):
-        pipeline(2, redis_url=redis_server.url, store_namespace=ns)
-    assert ray.get(default.describe.remote())["redis_url"] is None  # untouched (the handle keeps it alive)
+        pipeline(2, redis_url=redis_server.url, store_namespace=ns, map_service_name=taken)
+    assert ray.get(other.describe.remote())["redis_url"] is None  # untouched (the handle keeps it alive)
     pipe = pipeline(2, redis_url=redis_server.url, store_namespace=ns, map_service_name=f"service-{ns}")
     service = pipe.map_service
     try:
@@ -167,4 +168,4 @@ def test_too_many_gpus_is_a_clear_error(ray_cluster):
     from cluster.placement import PlacementError
 
     with pytest.raises(PlacementError, match="asks for 7 GPUs but the Ray cluster has 6"):
-        pipeline(7)
+        pipeline(7, policy="on-demand")  # (no map service: this is about GPUs)
