@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "expertmap-moe-tiny"
+BUNDLED_MODEL = Path(str(files("expertmap.models") / "expertmap-moe-tiny"))  # package data
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 

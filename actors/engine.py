@@ -16,17 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from actors.adapters import adapter_for
-from actors.cache_stats import CacheStats
-from actors.checkpoint import CheckpointReader
-from actors.config import EngineConfig
-from actors.expert_cache import CacheBudgetError, ExpertCache
-from actors.host_store import HostExpertStore
-from actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner, register_experts_implementation
-from actors.recorder import RoutingRecorder
-from actors.slot_pool import SlotPool
-from actors.transfer import EmulatedLink, InstantLink, make_transfer
-from predictor.policies import POLICIES, PolicyContext, make_policy
+from expertmap.actors.adapters import adapter_for
+from expertmap.actors.cache_stats import CacheStats
+from expertmap.actors.checkpoint import CheckpointReader
+from expertmap.actors.config import EngineConfig
+from expertmap.actors.expert_cache import CacheBudgetError, ExpertCache
+from expertmap.actors.host_store import HostExpertStore
+from expertmap.actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner, register_experts_implementation
+from expertmap.actors.recorder import RoutingRecorder
+from expertmap.actors.slot_pool import SlotPool
+from expertmap.actors.transfer import EmulatedLink, InstantLink, make_transfer
+from expertmap.predictor.policies import POLICIES, PolicyContext, make_policy
 
 logger = logging.getLogger(__name__)
 

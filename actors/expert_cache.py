@@ -30,10 +30,10 @@ from dataclasses import replace
 
 import torch
 
-from actors.cache_stats import CacheStats
-from actors.slot_pool import SlotPool
-from actors.transfer import TransferEngine
-from predictor.policies.base import Key, Policy, Prefetch
+from expertmap.actors.cache_stats import CacheStats
+from expertmap.actors.slot_pool import SlotPool
+from expertmap.actors.transfer import TransferEngine
+from expertmap.predictor.policies.base import Key, Policy, Prefetch
 
 logger = logging.getLogger(__name__)
 

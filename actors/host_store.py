@@ -7,10 +7,10 @@ import logging
 import torch
 from tqdm import tqdm
 
-from actors.adapters import ArchitectureAdapter, MoELayer
-from actors.checkpoint import CheckpointReader
-from actors.quantize import PRECISIONS, expert_at
-from predictor.policies.base import Key
+from expertmap.actors.adapters import ArchitectureAdapter, MoELayer
+from expertmap.actors.checkpoint import CheckpointReader
+from expertmap.actors.quantize import PRECISIONS, expert_at
+from expertmap.predictor.policies.base import Key
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import logging
 import torch
 from torch import nn
 
-from actors.adapters import ArchitectureAdapter
-from actors.expert_cache import ExpertCache
+from expertmap.actors.adapters import ArchitectureAdapter
+from expertmap.actors.expert_cache import ExpertCache
 
 logger = logging.getLogger(__name__)
 

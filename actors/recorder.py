@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors.adapters import ArchitectureAdapter, MoELayer
-from predictor.policies.base import RouterEvent
+from expertmap.actors.adapters import ArchitectureAdapter, MoELayer
+from expertmap.predictor.policies.base import RouterEvent
 
 
 @dataclass

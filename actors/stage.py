@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors.cache_stats import CacheStats
-from actors.checkpoint import CheckpointReader
-from actors.config import EngineConfig
-from actors.engine import (
+from expertmap.actors.cache_stats import CacheStats
+from expertmap.actors.checkpoint import CheckpointReader
+from expertmap.actors.config import EngineConfig
+from expertmap.actors.engine import (
     _load_tokenizer,
     calibration_ids,
     drop_fused_experts,
@@ -48,15 +48,15 @@ from actors.engine import (
     resolve_link_mode,
     slots_for_budget,
 )
-from actors.expert_cache import ExpertCache
-from actors.host_store import HostExpertStore
-from actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner
-from actors.sampling import SamplingParams, TokenSampler
-from actors.slot_pool import SlotPool
-from actors.transfer import EmulatedLink, make_transfer
-from predictor.policies import PolicyContext, make_policy
-from predictor.policies.base import Position, Prefetch, RouterEvent
-from predictor.search import experts_to_fetch
+from expertmap.actors.expert_cache import ExpertCache
+from expertmap.actors.host_store import HostExpertStore
+from expertmap.actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner
+from expertmap.actors.sampling import SamplingParams, TokenSampler
+from expertmap.actors.slot_pool import SlotPool
+from expertmap.actors.transfer import EmulatedLink, make_transfer
+from expertmap.predictor.policies import PolicyContext, make_policy
+from expertmap.predictor.policies.base import Position, Prefetch, RouterEvent
+from expertmap.predictor.search import experts_to_fetch
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from actors.slot_pool import SlotPool
+from expertmap.actors.slot_pool import SlotPool
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
-from actors.engine import OffloadEngine, load_plain_model
+from expertmap.actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine, load_plain_model
 
 
 def timed(fn) -> float:

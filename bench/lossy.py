@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
-from actors.engine import OffloadEngine, load_plain_model
-from bench.link_profiles import DEFAULT_PROFILE, get_profile
-from bench.routing_trace import load_workload
+from expertmap.actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine, load_plain_model
+from expertmap.bench.link_profiles import DEFAULT_PROFILE, get_profile
+from expertmap.bench.routing_trace import load_workload
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

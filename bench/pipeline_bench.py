@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from actors.config import Budget, EngineConfig, LinkConfig
-from actors.sampling import SamplingParams
-from bench.link_profiles import get_profile
-from bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
+from expertmap.actors.config import Budget, EngineConfig, LinkConfig
+from expertmap.actors.sampling import SamplingParams
+from expertmap.bench.link_profiles import get_profile
+from expertmap.bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def run_policies(cfg: PipelineBenchConfig) -> dict:
     section 6 plus each policy's per-stage figures."""
     import ray
 
-    from cluster.pipeline import MAP_POLICIES, Pipeline, PipelineConfig
+    from expertmap.cluster.pipeline import MAP_POLICIES, Pipeline, PipelineConfig
 
     skipped = [p for p in cfg.policies if p == "oracle"]
     policies = [p for p in cfg.policies if p != "oracle"]

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from actors.config import EngineConfig, LinkConfig
-from actors.engine import OffloadEngine
-from predictor.policies.base import RouterEvent
+from expertmap.actors.config import EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine
+from expertmap.predictor.policies.base import RouterEvent
 
 
 @dataclass
@@ -91,7 +91,7 @@ class TraceRecorder:
         self.embedding = embedding
         self.embedder = None
         if embedding == "minilm":
-            from predictor.sentence_embedding import SentenceEmbedder
+            from expertmap.predictor.sentence_embedding import SentenceEmbedder
 
             self.embedder = embedder if embedder is not None else SentenceEmbedder(device=device)
             self.embedder.load()  # now (and fail now if the package is missing), not mid-recording

@@ -24,14 +24,14 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from actors.config import Budget, EngineConfig, LinkConfig
-from actors.engine import OffloadEngine
-from bench.link_profiles import get_profile
-from bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
-from bench.simulator import access_trace, replay, summarize_units
-from predictor.map_store_memory import InMemoryMapStore
-from predictor.policies import POLICIES, PolicyContext, make_policy
-from predictor.replica import StoreReplica
+from expertmap.actors.config import Budget, EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine
+from expertmap.bench.link_profiles import get_profile
+from expertmap.bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
+from expertmap.bench.simulator import access_trace, replay, summarize_units
+from expertmap.predictor.map_store_memory import InMemoryMapStore
+from expertmap.predictor.policies import POLICIES, PolicyContext, make_policy
+from expertmap.predictor.replica import StoreReplica
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
 
 
 def run(cfg: BenchConfig) -> dict:
-    from bench.report import write_report
+    from expertmap.bench.report import write_report
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.embedding not in ("token", "minilm"):

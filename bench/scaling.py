@@ -19,12 +19,12 @@ import logging
 import time
 from pathlib import Path
 
-from actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig
-from actors.engine import OffloadEngine
-from actors.sampling import SamplingParams
-from bench.link_profiles import get_profile
-from bench.pipeline_bench import drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries
-from bench.routing_trace import TraceRecorder, load_workload, split
+from expertmap.actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine
+from expertmap.actors.sampling import SamplingParams
+from expertmap.bench.link_profiles import get_profile
+from expertmap.bench.pipeline_bench import drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries
+from expertmap.bench.routing_trace import TraceRecorder, load_workload, split
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 def run(args) -> dict:
     import ray
 
-    from cluster.pipeline import Pipeline, PipelineConfig
+    from expertmap.cluster.pipeline import Pipeline, PipelineConfig
 
     profile = get_profile(args.link)
     warm, evals = split(load_workload(args.workload), 0.7, args.seed)
@@ -50,8 +50,8 @@ def run(args) -> dict:
 
     # the in-process engine: the same prompts one after the other (map store warmed the same way)
     for label, link in (("emulated", emulated), ("instant", instant)):
-        from predictor.map_store_memory import InMemoryMapStore
-        from predictor.replica import StoreReplica
+        from expertmap.predictor.map_store_memory import InMemoryMapStore
+        from expertmap.predictor.replica import StoreReplica
 
         probe = OffloadEngine(EngineConfig(model=args.model, policy="on-demand", link=instant))
         shape = dict(num_layers=len(probe.layers), num_experts=probe.num_experts,

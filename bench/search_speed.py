@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predictor.search import SearchIndex
+from expertmap.predictor.search import SearchIndex
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:

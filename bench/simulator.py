@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from actors.cache_stats import CacheStats
-from bench.routing_trace import RequestTrace
-from predictor.policies.base import Key, Policy, Prefetch, RouterEvent
+from expertmap.actors.cache_stats import CacheStats
+from expertmap.bench.routing_trace import RequestTrace
+from expertmap.predictor.policies.base import Key, Policy, Prefetch, RouterEvent
 
 
 CHUNKS = 8  # as actors.transfer.TransferEngine.chunks

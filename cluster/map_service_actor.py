@@ -15,7 +15,7 @@ import time
 
 import ray
 
-from actors.map_service import ExpertMapService
+from expertmap.actors.map_service import ExpertMapService
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +27,12 @@ class MapServiceActor:
     def __init__(self, shape: dict, redis_url: str | None, namespace: str, capacity: int, max_pending: int):
         logging.basicConfig(level=logging.INFO)
         if redis_url:
-            from predictor.map_store_redis import RedisMapStore
+            from expertmap.predictor.map_store_redis import RedisMapStore
 
             def open_store():
                 return RedisMapStore(redis_url, namespace, capacity=capacity, **shape)
         else:
-            from predictor.map_store_memory import InMemoryMapStore
+            from expertmap.predictor.map_store_memory import InMemoryMapStore
 
             def open_store():
                 return InMemoryMapStore(capacity=capacity, **shape)
@@ -73,7 +73,7 @@ def map_service(shape: dict, redis_url: str | None, namespace: str = "expertmap"
     found = ray.get(handle.describe.remote())
     wanted = {"shape": shape, "redis_url": redis_url, "namespace": namespace, "capacity": capacity}
     if found != wanted:
-        from predictor.map_store_redis import _redact
+        from expertmap.predictor.map_store_redis import _redact
 
         def show(c: dict) -> dict:
             return {**c, "redis_url": _redact(c["redis_url"]) if c["redis_url"] else "in-process"}

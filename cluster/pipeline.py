@@ -30,11 +30,11 @@ from pathlib import Path
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.cache_stats import CacheStats
-from actors.config import EngineConfig
-from actors.sampling import SamplingParams
-from actors.stage import MicroBatch, Step, split_layers
-from cluster.placement import STRATEGIES, bundle_nodes, bundle_strategy, stage_placement_group
+from expertmap.actors.cache_stats import CacheStats
+from expertmap.actors.config import EngineConfig
+from expertmap.actors.sampling import SamplingParams
+from expertmap.actors.stage import MicroBatch, Step, split_layers
+from expertmap.cluster.placement import STRATEGIES, bundle_nodes, bundle_strategy, stage_placement_group
 
 logger = logging.getLogger(__name__)
 
@@ -347,9 +347,9 @@ class Pipeline:
 
         import torch
 
-        from actors.config import require_model_folder
-        from actors.engine import open_model_folder
-        from cluster.stage_actor import StageActor
+        from expertmap.actors.config import require_model_folder
+        from expertmap.actors.engine import open_model_folder
+        from expertmap.cluster.stage_actor import StageActor
 
         self.config = config
         folder = require_model_folder(config.engine.model)
@@ -369,7 +369,7 @@ class Pipeline:
 
         self.map_service = None
         if config.engine.policy in MAP_POLICIES:
-            from cluster.map_service_actor import map_service
+            from expertmap.cluster.map_service_actor import map_service
 
             self.map_service = map_service(self.shape, config.redis_url, config.store_namespace, config.store_capacity,
                                            name=config.map_service_name)  # fmt: skip

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
 from ray import serve  # noqa: E402
 
-from actors.config import Budget, require_model_folder  # noqa: E402
+from expertmap.actors.config import Budget, require_model_folder  # noqa: E402
 
 logger = logging.getLogger("expertmap.serve")
 
@@ -96,7 +96,7 @@ class AppArgs(BaseModel):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v):
-        from predictor.policies import POLICIES
+        from expertmap.predictor.policies import POLICIES
 
         if v not in POLICIES:
             raise ValueError(f"unknown policy {v!r}; choose one of: {', '.join(sorted(POLICIES))}")
@@ -146,8 +146,8 @@ def check_exposure(a: AppArgs) -> None:
 
 
 def engine_config(a: AppArgs):
-    from actors.config import EngineConfig
-    from cluster.cli import _link_config
+    from expertmap.actors.config import EngineConfig
+    from expertmap.cluster.cli import _link_config
 
     device = a.device
     if device == "auto":
@@ -161,7 +161,7 @@ def make_pipeline(a: AppArgs):
     """The pipeline of ``a.gpus`` stages; map-based policies ("finemoe", "hybrid") share the expert-map
     service, backed by the Redis store named by ``redis_url`` or, without one, an in-process store
     in the service actor that fills as requests run."""
-    from cluster.pipeline import Pipeline, PipelineConfig
+    from expertmap.cluster.pipeline import Pipeline, PipelineConfig
 
     return Pipeline(PipelineConfig(engine=engine_config(a), gpus=a.gpus, max_batch=a.max_batch, redis_url=a.redis_url,
                                    prefetch_distance=a.prefetch_distance, store_capacity=a.store_capacity))  # fmt: skip
@@ -421,7 +421,7 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def start(self) -> None:
-        from actors.sampling import SamplingParams
+        from expertmap.actors.sampling import SamplingParams
 
         body = self.body
         for i in range(body.n):
@@ -711,7 +711,7 @@ class ExpertMapServer:
     def _stats(self, reqs: list, job: Job) -> dict:
         """Per-request figures for the response's ``expertmap`` field: cache counters of this
         request's iterations (all stages), TTFT, mean TPOT, time before it entered the pipeline."""
-        from actors.cache_stats import CacheStats
+        from expertmap.actors.cache_stats import CacheStats
 
         total = CacheStats()
         for r in reqs:

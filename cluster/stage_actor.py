@@ -14,8 +14,8 @@ import os
 
 import ray
 
-from actors.config import EngineConfig
-from actors.stage import MicroBatch, PipelineStage, StageSpec
+from expertmap.actors.config import EngineConfig
+from expertmap.actors.stage import MicroBatch, PipelineStage, StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class StageActor:
             torch.set_num_threads(torch_threads)
         options: dict = {"prefetch_distance": prefetch_distance, "publish": spec.last}
         if store_handle is not None:
-            from cluster.map_service_actor import ServiceStoreClient
-            from predictor.replica import StoreReplica
+            from expertmap.cluster.map_service_actor import ServiceStoreClient
+            from expertmap.predictor.replica import StoreReplica
 
             options["replica"] = StoreReplica(ServiceStoreClient(store_handle, sync_interval_s))
         self.stage = PipelineStage(config, spec, layer_time_s, options)

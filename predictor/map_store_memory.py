@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from predictor.map_store import DEFAULT_CAPACITY, EntryBuffer, MapStore, StoreMeta, StoreMismatchError
+from expertmap.predictor.map_store import DEFAULT_CAPACITY, EntryBuffer, MapStore, StoreMeta, StoreMismatchError
 
 log = logging.getLogger(__name__)
 

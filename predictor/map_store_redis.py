@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from predictor.map_store import DEFAULT_CAPACITY, EntryBuffer, MapStore, StoreMeta, StoreMismatchError
+from expertmap.predictor.map_store import DEFAULT_CAPACITY, EntryBuffer, MapStore, StoreMeta, StoreMismatchError
 
 try:
     import msgpack

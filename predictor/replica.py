@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from predictor.search import SearchIndex
+from expertmap.predictor.search import SearchIndex
 
 logger = logging.getLogger(__name__)
 

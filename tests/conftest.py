@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.config import BUNDLED_MODEL
+from expertmap.actors.config import BUNDLED_MODEL
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

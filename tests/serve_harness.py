@@ -23,7 +23,7 @@ def serve_on_loopback(apps: dict[str, tuple[str, dict]], gpus: int) -> Iterator[
     import ray
     from ray import serve
 
-    from cluster.serve_app import build_app
+    from expertmap.cluster.serve_app import build_app
 
     port = free_port()
     ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from actors.adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
-from actors.checkpoint import CheckpointReader
+from expertmap.actors.adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
+from expertmap.actors.checkpoint import CheckpointReader
 from tests.tiny_models import TINY_CONFIGS, save_tiny
 
 #: family -> (adapter class name, decoder indices of its MoE layers)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.config import EngineConfig, LinkConfig
-from actors.engine import OffloadEngine, load_plain_model
-from actors.transfer import CudaTransfer
+from expertmap.actors.config import EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine, load_plain_model
+from expertmap.actors.transfer import CudaTransfer
 
 pytestmark = pytest.mark.gpu
 

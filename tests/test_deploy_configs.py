@@ -34,7 +34,7 @@ CONFIGS = REPO / "configs"
 K8S = REPO / "k8s"
 CLUSTER_CONFIGS = ["six-gpu-aws.yaml", "six-gpu-onprem.yaml"]
 SERVE_CONFIGS = ["serve.yaml", "serve-six-gpu.yaml"]
-BUILDER = "cluster.serve_app:build_app"
+BUILDER = "expertmap.cluster.serve_app:build_app"
 # The builder's arguments (cluster.serve_app's args model).
 BUILDER_ARGS = {
     "model",
@@ -87,7 +87,7 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_arithmetic(path):
-    from actors.adapters import ADAPTERS
+    from expertmap.actors.adapters import ADAPTERS
 
     p = load(path)
     assert p["name"] == path.stem
@@ -234,8 +234,8 @@ def _check_serve_config(cfg: dict) -> None:
 
 
 def _check_builder_args(args: dict, http: dict) -> None:
-    from actors.config import Budget
-    from predictor.policies import POLICIES
+    from expertmap.actors.config import Budget
+    from expertmap.predictor.policies import POLICIES
 
     assert set(args) <= BUILDER_ARGS, f"unknown builder args {sorted(set(args) - BUILDER_ARGS)}"
     assert isinstance(args["gpus"], int) and args["gpus"] >= 1, f"gpus must be a positive int, not {args['gpus']!r}"
@@ -257,7 +257,7 @@ def _check_builder_args(args: dict, http: dict) -> None:
     if (REPO / "cluster" / "serve_app.py").exists():
         from pydantic import BaseModel
 
-        module = importlib.import_module("cluster.serve_app")
+        module = importlib.import_module("expertmap.cluster.serve_app")
         models = [
             m
             for m in vars(module).values()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.config import Budget, EngineConfig, LinkConfig
-from actors.engine import ModelFolderError, OffloadEngine, load_plain_model
-from actors.expert_cache import CacheBudgetError
+from expertmap.actors.config import Budget, EngineConfig, LinkConfig
+from expertmap.actors.engine import ModelFolderError, OffloadEngine, load_plain_model
+from expertmap.actors.expert_cache import CacheBudgetError
 from tests.tiny_models import save_tiny
 
 INSTANT = LinkConfig(mode="instant", profile="instant")
@@ -103,7 +103,7 @@ def test_unsupported_architecture_and_remote_code_are_refused(tmp_path):
 
 def expertmap(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "expertmap.cluster.cli", *args], capture_output=True, text=True, timeout=300
     )
 
 

@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from actors.expert_cache import ExpertCache
-from actors.slot_pool import SlotPool
-from actors.transfer import InstantLink, TransferEngine
-from predictor.policies import PolicyContext, Prefetch, make_policy
-from predictor.policies.base import Policy
+from expertmap.actors.expert_cache import ExpertCache
+from expertmap.actors.slot_pool import SlotPool
+from expertmap.actors.transfer import InstantLink, TransferEngine
+from expertmap.predictor.policies import PolicyContext, Prefetch, make_policy
+from expertmap.predictor.policies.base import Policy
 
 LAYERS, EXPERTS = 4, 8
 

@@ -144,8 +144,8 @@ def redis_entries(redis_server):
     """(embeddings, maps) the Redis store holds now, read directly (not through the service)."""
     import ray
 
-    from cluster.map_service_actor import SERVICE_NAME
-    from predictor.map_store_redis import RedisMapStore
+    from expertmap.cluster.map_service_actor import SERVICE_NAME
+    from expertmap.predictor.map_store_redis import RedisMapStore
 
     shape = ray.get(ray.get_actor(SERVICE_NAME).describe.remote())["shape"]
     store = RedisMapStore(redis_server.url, "expertmap", capacity=CAPACITY, **shape)
@@ -210,7 +210,7 @@ def test_stage_process_killed(app, redis_server, round_):
 def test_map_service_killed(app, redis_server, round_):
     import ray
 
-    from cluster.map_service_actor import SERVICE_NAME
+    from expertmap.cluster.map_service_actor import SERVICE_NAME
 
     before = redis_entries(redis_server)
     with Load(app) as load:
@@ -237,7 +237,7 @@ def test_map_service_killed(app, redis_server, round_):
 def test_redis_stopped_then_started(app, redis_server, round_):
     import ray
 
-    from cluster.map_service_actor import SERVICE_NAME
+    from expertmap.cluster.map_service_actor import SERVICE_NAME
 
     service = ray.get_actor(SERVICE_NAME)
     before = redis_entries(redis_server)

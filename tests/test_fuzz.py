@@ -29,7 +29,7 @@ bodies = st.dictionaries(fields, json_values, max_size=8)
 @seed(20261128)
 @given(raw=st.one_of(st.binary(max_size=200), bodies.map(lambda d: json.dumps(d).encode())))
 def test_request_bodies_parse_or_get_a_4xx(body_cls, raw):
-    from cluster import serve_app
+    from expertmap.cluster import serve_app
 
     try:
         serve_app.parse_body(getattr(serve_app, body_cls), raw)
@@ -42,7 +42,7 @@ def test_request_bodies_parse_or_get_a_4xx(body_cls, raw):
 @seed(20261128)
 @given(value=st.one_of(st.text(max_size=20), st.floats(), st.integers(), st.booleans(), st.none()))
 def test_budgets_parse_or_say_why(value):
-    from actors.config import Budget
+    from expertmap.actors.config import Budget
 
     try:
         b = Budget.parse(value)
@@ -60,7 +60,7 @@ def test_budgets_parse_or_say_why(value):
 @seed(20261128)
 @given(tokens=st.lists(st.integers(0, 8191), max_size=30), stops=st.lists(st.text(min_size=1, max_size=4), max_size=3))
 def test_streamed_text_is_a_prefix_of_the_decoded_text_and_holds_no_stop(bundled_model, tokens, stops):
-    from cluster.serve_app import TextTracker
+    from expertmap.cluster.serve_app import TextTracker
 
     pieces = []
     tracker = TextTracker(bundled_model.tokenizer, stops, pieces.append)
@@ -81,8 +81,8 @@ def test_streamed_text_is_a_prefix_of_the_decoded_text_and_holds_no_stop(bundled
     cols=st.integers(0, 5),
 )
 def test_map_store_entries_are_checked(emb, rows, cols):
-    from predictor.map_store import StoreMismatchError
-    from predictor.map_store_memory import InMemoryMapStore
+    from expertmap.predictor.map_store import StoreMismatchError
+    from expertmap.predictor.map_store_memory import InMemoryMapStore
 
     store = InMemoryMapStore(2, 3, 4, 8, prefetch_distance=1)
     expert_map = np.full((rows, cols), 1.0 / max(cols, 1), dtype=np.float32)
@@ -102,7 +102,7 @@ def test_map_store_entries_are_checked(emb, rows, cols):
     sample=st.booleans(),
 )  # fmt: skip
 def test_sampling_params_refuse_what_generate_cannot_do(max_new, temp, top_p, sample):
-    from actors.sampling import SamplingParams
+    from expertmap.actors.sampling import SamplingParams
 
     try:
         p = SamplingParams(max_new_tokens=max_new, do_sample=sample, temperature=temp, top_p=top_p)

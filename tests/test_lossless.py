@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.config import EngineConfig, LinkConfig
-from actors.engine import OffloadEngine, load_plain_model
+from expertmap.actors.config import EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine, load_plain_model
 from tests.tiny_models import TINY_CONFIGS, save_tiny
 
 POLICIES = ["resident", "on-demand", "lfu", "oracle"]
@@ -103,8 +103,8 @@ def test_default_experts_implementation_gives_same_greedy_tokens(bundled_model):
 @pytest.fixture(scope="module")
 def warm_factory(bundled_model):
     """A map store and activation matrices warmed from a few prompts, as `expertmap bench` does."""
-    from bench.routing_trace import TraceRecorder
-    from bench.run import PolicyFactory, build_store, request_eams
+    from expertmap.bench.routing_trace import TraceRecorder
+    from expertmap.bench.run import PolicyFactory, build_store, request_eams
 
     recorder = TraceRecorder(bundled_model.folder)
     prompts = [{"id": str(i), "category": "", "prompt": p} for i, p in enumerate(

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.config import EngineConfig, LinkConfig
-from actors.quantize import expert_at, quantize_dequantize
-from predictor.policies import PolicyContext, make_policy
-from predictor.policies.base import RouterEvent
+from expertmap.actors.config import EngineConfig, LinkConfig
+from expertmap.actors.quantize import expert_at, quantize_dequantize
+from expertmap.predictor.policies import PolicyContext, make_policy
+from expertmap.predictor.policies.base import RouterEvent
 
 
 def test_quantiser_error_and_bytes():
@@ -45,7 +45,7 @@ def test_fate_lossy_precision_rules():
 
 
 def test_lossy_engine_moves_fewer_bytes(bundled_model):
-    from actors.engine import OffloadEngine
+    from expertmap.actors.engine import OffloadEngine
 
     link = LinkConfig(mode="instant", profile="instant")
     moved = {}

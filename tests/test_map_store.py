@@ -13,8 +13,8 @@ import uuid
 import numpy as np
 import pytest
 
-from predictor.map_store import MAX_CAPACITY, StoreMismatchError, redundancy
-from predictor.map_store_memory import InMemoryMapStore
+from expertmap.predictor.map_store import MAX_CAPACITY, StoreMismatchError, redundancy
+from expertmap.predictor.map_store_memory import InMemoryMapStore
 
 L, J, D = 4, 6, 5  # small model: 4 MoE layers, 6 experts, 5-dim embeddings
 
@@ -65,7 +65,7 @@ def make_store(request):
         dims = {"num_layers": L, "num_experts": J, "embed_dim": D, **shape}
         if request.param == "memory":
             return InMemoryMapStore(**dims, capacity=capacity, prefetch_distance=prefetch_distance)
-        from predictor.map_store_redis import RedisMapStore
+        from expertmap.predictor.map_store_redis import RedisMapStore
 
         server = request.getfixturevalue("redis_server")
         ns = namespace or f"test-{uuid.uuid4().hex[:12]}"
@@ -82,7 +82,7 @@ def make_store(request):
 @pytest.fixture
 def redis_store(redis_server):
     """``redis_store(namespace, **kw)``: a RedisMapStore for the small model, closed afterwards."""
-    from predictor.map_store_redis import RedisMapStore
+    from expertmap.predictor.map_store_redis import RedisMapStore
 
     opened = []
 

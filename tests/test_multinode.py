@@ -11,10 +11,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from actors.config import EngineConfig, LinkConfig
-from actors.engine import OffloadEngine
-from actors.sampling import SamplingParams
-from cluster.pipeline import Pipeline, PipelineConfig
+from expertmap.actors.config import EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine
+from expertmap.actors.sampling import SamplingParams
+from expertmap.cluster.pipeline import Pipeline, PipelineConfig
 
 INSTANT = LinkConfig(mode="instant", profile="instant")
 

@@ -11,10 +11,10 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import pytest
 import ray
 
-from actors.config import EngineConfig, LinkConfig
-from actors.engine import OffloadEngine
-from actors.sampling import SamplingParams
-from cluster.pipeline import Pipeline, PipelineConfig, StageFailedError
+from expertmap.actors.config import EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine
+from expertmap.actors.sampling import SamplingParams
+from expertmap.cluster.pipeline import Pipeline, PipelineConfig, StageFailedError
 
 
 INSTANT = LinkConfig(mode="instant", profile="instant")
@@ -121,10 +121,10 @@ def test_a_killed_stage_restarts_and_its_requests_end_clearly(ray_cluster, promp
 
 
 def test_redis_stopped_and_restarted_under_load_loses_no_map(ray_cluster, prompts, reference, redis_server):
-    from predictor.map_store_redis import RedisMapStore
+    from expertmap.predictor.map_store_redis import RedisMapStore
 
     ns = f"pipeline-{time.time_ns()}"
-    from cluster.map_service_actor import map_service
+    from expertmap.cluster.map_service_actor import map_service
 
     # a service of that name already serves an in-process store: a Redis pipeline must not reuse it
     taken = f"in-process-{ns}"
@@ -165,7 +165,7 @@ def test_redis_stopped_and_restarted_under_load_loses_no_map(ray_cluster, prompt
 
 
 def test_too_many_gpus_is_a_clear_error(ray_cluster):
-    from cluster.placement import PlacementError
+    from expertmap.cluster.placement import PlacementError
 
     with pytest.raises(PlacementError, match="asks for 7 GPUs but the Ray cluster has 6"):
         pipeline(7, policy="on-demand")  # (no map service: this is about GPUs)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from predictor.arc import ARC
-from predictor.background import BackgroundPlanner
-from predictor.map_store_memory import InMemoryMapStore
-from predictor.policies import PolicyContext, make_policy
-from predictor.policies.base import RouterEvent
-from predictor.policies.fate import layer_quotas
-from predictor.replica import StoreReplica
-from predictor.search import SearchIndex, experts_to_fetch, union_max
+from expertmap.predictor.arc import ARC
+from expertmap.predictor.background import BackgroundPlanner
+from expertmap.predictor.map_store_memory import InMemoryMapStore
+from expertmap.predictor.policies import PolicyContext, make_policy
+from expertmap.predictor.policies.base import RouterEvent
+from expertmap.predictor.policies.fate import layer_quotas
+from expertmap.predictor.replica import StoreReplica
+from expertmap.predictor.search import SearchIndex, experts_to_fetch, union_max
 
 L, J, D = 6, 8, 16
 
@@ -118,7 +118,7 @@ def test_finemoe_evicts_lowest_probability_times_frequency_and_protects_prefetch
 
 
 def make_prefetch(key, priority=1.0):
-    from predictor.policies.base import Prefetch
+    from expertmap.predictor.policies.base import Prefetch
 
     return Prefetch(key, priority)
 

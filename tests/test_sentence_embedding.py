@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from predictor.sentence_embedding import SentenceEmbedder
+from expertmap.predictor.sentence_embedding import SentenceEmbedder
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def test_missing_package_names_it(monkeypatch):
 
 
 def test_trace_recorder_minilm(bundled_model, embedder):
-    from bench.routing_trace import TraceRecorder
-    from bench.run import PolicyFactory, build_store, replay_row, request_eams
+    from expertmap.bench.routing_trace import TraceRecorder
+    from expertmap.bench.run import PolicyFactory, build_store, replay_row, request_eams
 
     recorder = TraceRecorder(bundled_model.folder, embedding="minilm", embedder=embedder)
     try:

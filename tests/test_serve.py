@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
+from expertmap.actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
 from tests.serve_harness import serve_on_loopback
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings(r"ignore::DeprecationWarning")]
@@ -140,7 +140,7 @@ def test_completion_streaming_and_stop(server, client):
 
 def test_http_output_equals_the_engine_in_process(client, bundled_model):
     """Lossless through the API: greedy text over HTTP == OffloadEngine.generate in this process."""
-    from actors.engine import OffloadEngine
+    from expertmap.actors.engine import OffloadEngine
 
     engine = OffloadEngine(EngineConfig(model=BUNDLED_MODEL, policy="on-demand", budget=0.25,
                                         link=LinkConfig(mode="instant", profile="instant")))  # fmt: skip
@@ -333,7 +333,7 @@ def test_nothing_listens_beyond_loopback(server, client):
 
 
 def test_builder_args(monkeypatch):
-    from cluster.serve_app import AppArgs, build_app
+    from expertmap.cluster.serve_app import AppArgs, build_app
 
     assert AppArgs.model_validate({"gpus": 6}).gpus == 6  # configs/serve-six-gpu.yaml
     assert build_app({"gpus": 2}) is not None  # validated here; the stages start in the replica

@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def expertmap(*args, timeout=120):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "expertmap.cluster.cli", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, env=env)  # fmt: skip
 
 
@@ -47,7 +47,7 @@ def test_serve_starts_answers_and_stops_on_sigint():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--config", "configs/serve.yaml", "--gpus", "2",
+    proc = subprocess.Popen([sys.executable, "-m", "expertmap.cluster.cli", "serve", "--config", "configs/serve.yaml", "--gpus", "2",
                              "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"

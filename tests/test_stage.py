@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from actors.config import EngineConfig, LinkConfig
-from actors.engine import OffloadEngine
-from actors.sampling import SamplingParams
-from actors.stage import MicroBatch, PipelineStage, StageStateError, Step, split_layers
+from expertmap.actors.config import EngineConfig, LinkConfig
+from expertmap.actors.engine import OffloadEngine
+from expertmap.actors.sampling import SamplingParams
+from expertmap.actors.stage import MicroBatch, PipelineStage, StageStateError, Step, split_layers
 from tests.tiny_models import TINY_CONFIGS, save_tiny
 
 INSTANT = LinkConfig(mode="instant", profile="instant")
@@ -110,8 +110,8 @@ def test_stage_zero_hints_the_next_stage_before_its_activations_arrive(bundled_m
 
     import numpy as np
 
-    from predictor.map_store_memory import InMemoryMapStore
-    from predictor.replica import StoreReplica
+    from expertmap.predictor.map_store_memory import InMemoryMapStore
+    from expertmap.predictor.replica import StoreReplica
 
     rng = np.random.default_rng(0)
     store = InMemoryMapStore(8, 16, 128, prefetch_distance=3)

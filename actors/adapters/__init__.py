@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.adapters.base import ArchitectureAdapter, MoELayer
-from actors.adapters.deepseek_v2 import DeepseekV2Adapter
-from actors.adapters.deepseek_v3 import DeepseekV3Adapter
-from actors.adapters.gpt_oss import GptOssAdapter
-from actors.adapters.mixtral import MixtralAdapter
-from actors.adapters.olmoe import OlmoeAdapter
-from actors.adapters.phimoe import PhimoeAdapter
-from actors.adapters.qwen2_moe import Qwen2MoeAdapter
-from actors.adapters.qwen3_moe import Qwen3MoeAdapter
+from expertmap.actors.adapters.base import ArchitectureAdapter, MoELayer
+from expertmap.actors.adapters.deepseek_v2 import DeepseekV2Adapter
+from expertmap.actors.adapters.deepseek_v3 import DeepseekV3Adapter
+from expertmap.actors.adapters.gpt_oss import GptOssAdapter
+from expertmap.actors.adapters.mixtral import MixtralAdapter
+from expertmap.actors.adapters.olmoe import OlmoeAdapter
+from expertmap.actors.adapters.phimoe import PhimoeAdapter
+from expertmap.actors.adapters.qwen2_moe import Qwen2MoeAdapter
+from expertmap.actors.adapters.qwen3_moe import Qwen3MoeAdapter
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {}
 for _adapter in (

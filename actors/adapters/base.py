@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from actors.checkpoint import CheckpointReader
+    from expertmap.actors.checkpoint import CheckpointReader
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ does not apply.
 
 from __future__ import annotations
 
-from actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
+from expertmap.actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
 
 
 class DeepseekV2Adapter(ArchitectureAdapter):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
+from expertmap.actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
 
 
 class DeepseekV3Adapter(ArchitectureAdapter):

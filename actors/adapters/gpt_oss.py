@@ -12,7 +12,7 @@ top-k renormalised equals the router's weights. The expert is a clamped SwiGLU
 
 from __future__ import annotations
 
-from actors.adapters.base import ArchitectureAdapter, aligned, sparse_block
+from expertmap.actors.adapters.base import ArchitectureAdapter, aligned, sparse_block
 
 
 class GptOssAdapter(ArchitectureAdapter):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.adapters.base import ArchitectureAdapter, gated_from_three
+from expertmap.actors.adapters.base import ArchitectureAdapter, gated_from_three
 
 
 class MixtralAdapter(ArchitectureAdapter):

@@ -7,7 +7,7 @@ distribution.
 
 from __future__ import annotations
 
-from actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
+from expertmap.actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
 
 
 class OlmoeAdapter(ArchitectureAdapter):

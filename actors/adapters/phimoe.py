@@ -10,7 +10,7 @@ and ``block_sparse_moe.gate.weight``.
 
 from __future__ import annotations
 
-from actors.adapters.base import ArchitectureAdapter, gated_from_three, sparse_block
+from expertmap.actors.adapters.base import ArchitectureAdapter, gated_from_three, sparse_block
 
 
 class PhimoeAdapter(ArchitectureAdapter):

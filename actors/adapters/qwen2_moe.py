@@ -9,7 +9,7 @@ is the model's own routing distribution (the base ``router_probs``).
 
 from __future__ import annotations
 
-from actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
+from expertmap.actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
 
 
 class Qwen2MoeAdapter(ArchitectureAdapter):

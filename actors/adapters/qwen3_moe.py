@@ -7,7 +7,7 @@ indices), softmax of the logits is the routing distribution. ``mlp_only_layers``
 
 from __future__ import annotations
 
-from actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
+from expertmap.actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
 
 
 class Qwen3MoeAdapter(ArchitectureAdapter):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from predictor.policies.base import Key, Policy, PolicyContext, Position, Prefetch
-from predictor.policies.fate import Fate, FateLossy
-from predictor.policies.finemoe import FineMoE
-from predictor.policies.hybrid import Hybrid
-from predictor.policies.lfu import LFU
-from predictor.policies.mixtral_offloading import MixtralOffloading
-from predictor.policies.moe_infinity import MoEInfinity
-from predictor.policies.on_demand import OnDemandLRU
-from predictor.policies.oracle import AccessTrace, Oracle
-from predictor.policies.resident import Resident
+from expertmap.predictor.policies.base import Key, Policy, PolicyContext, Position, Prefetch
+from expertmap.predictor.policies.fate import Fate, FateLossy
+from expertmap.predictor.policies.finemoe import FineMoE
+from expertmap.predictor.policies.hybrid import Hybrid
+from expertmap.predictor.policies.lfu import LFU
+from expertmap.predictor.policies.mixtral_offloading import MixtralOffloading
+from expertmap.predictor.policies.moe_infinity import MoEInfinity
+from expertmap.predictor.policies.on_demand import OnDemandLRU
+from expertmap.predictor.policies.oracle import AccessTrace, Oracle
+from expertmap.predictor.policies.resident import Resident
 
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Resident, OnDemandLRU, LFU, Oracle, FineMoE, Fate, FateLossy, MoEInfinity, MixtralOffloading,

@@ -14,8 +14,8 @@ model's: it is reported separately, with token agreement and perplexity (bench/l
 
 from __future__ import annotations
 
-from predictor.arc import ARC
-from predictor.policies.base import Policy, Prefetch, RouterEvent
+from expertmap.predictor.arc import ARC
+from expertmap.predictor.policies.base import Policy, Prefetch, RouterEvent
 
 
 def layer_quotas(num_layers: int, num_experts: int, top_k: int, slots: int) -> list[int]:

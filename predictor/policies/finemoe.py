@@ -22,9 +22,9 @@ from collections import Counter
 
 import numpy as np
 
-from predictor.background import BackgroundPlanner
-from predictor.policies.base import Key, Policy, Prefetch, RouterEvent
-from predictor.search import experts_to_fetch
+from expertmap.predictor.background import BackgroundPlanner
+from expertmap.predictor.policies.base import Key, Policy, Prefetch, RouterEvent
+from expertmap.predictor.search import experts_to_fetch
 
 logger = logging.getLogger(__name__)
 

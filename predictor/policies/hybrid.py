@@ -24,9 +24,9 @@ Prefetched experts stay protected until their layer has passed.
 
 from __future__ import annotations
 
-from predictor.policies.base import Key
-from predictor.policies.fate import gate_prediction
-from predictor.policies.finemoe import FineMoE
+from expertmap.predictor.policies.base import Key
+from expertmap.predictor.policies.fate import gate_prediction
+from expertmap.predictor.policies.finemoe import FineMoE
 
 P_FLOOR = 1e-3
 

@@ -6,7 +6,7 @@ that was pushed out comes back with its history.
 
 from collections import Counter
 
-from predictor.policies.base import Key, Policy
+from expertmap.predictor.policies.base import Key, Policy
 
 
 class LFU(Policy):

@@ -6,8 +6,8 @@ top-k experts are loaded speculatively (prefetch distance 1); eviction is LRU.
 
 from __future__ import annotations
 
-from predictor.policies.base import Policy
-from predictor.policies.fate import gate_prediction
+from expertmap.predictor.policies.base import Policy
+from expertmap.predictor.policies.fate import gate_prediction
 
 
 class MixtralOffloading(Policy):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from predictor.policies.base import Policy, Prefetch
+from expertmap.predictor.policies.base import Policy, Prefetch
 
 EPS = 1e-12
 

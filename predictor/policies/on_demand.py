@@ -1,6 +1,6 @@
 """`on-demand`: load on a miss, evict the least recently used expert (the base policy's rules)."""
 
-from predictor.policies.base import Policy
+from expertmap.predictor.policies.base import Policy
 
 
 class OnDemandLRU(Policy):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from predictor.policies.base import Key, Policy, Prefetch
+from expertmap.predictor.policies.base import Key, Policy, Prefetch
 
 AccessTrace = list[list[list[int]]]  # [iteration][moe layer] -> selected experts
 

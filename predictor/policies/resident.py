@@ -1,6 +1,6 @@
 """`resident`: every routed expert on the device (budget 100%), no transfers during the run."""
 
-from predictor.policies.base import Policy
+from expertmap.predictor.policies.base import Policy
 
 
 class Resident(Policy):

@@ -1,0 +1,10 @@
+"""ExpertMap: serve Mixture-of-Experts models with experts in host memory and a predicted,
+budgeted expert cache on each device.
+
+This folder is only the root of the installed namespace: the code lives in the repository's
+top-level folders, installed as ``expertmap.actors``, ``expertmap.predictor``,
+``expertmap.cluster``, ``expertmap.models`` (the bundled checkpoints) and ``expertmap.bench``
+(see ``[tool.setuptools.package-dir]`` in pyproject.toml). Importing it does nothing else.
+"""
+
+__version__ = "0.2.0"
