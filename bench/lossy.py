@@ -21,7 +21,7 @@ import torch
 
 from expertmap.actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine, load_plain_model
-from expertmap.bench.link_profiles import DEFAULT_PROFILE, get_profile
+from expertmap.actors.link_profiles import DEFAULT_PROFILE, get_profile
 from expertmap.bench.routing_trace import load_workload
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

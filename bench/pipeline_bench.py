@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from expertmap.actors.config import Budget, EngineConfig, LinkConfig
 from expertmap.actors.sampling import SamplingParams
-from expertmap.bench.link_profiles import get_profile
+from expertmap.actors.link_profiles import get_profile
 from expertmap.bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
 
 logger = logging.getLogger(__name__)

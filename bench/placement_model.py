@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from expertmap.bench.link_profiles import PROFILES, LinkProfile
+from expertmap.actors.link_profiles import PROFILES, LinkProfile
 
 T_HOP_S = 15e-6
 T_A2A_S = 30e-6

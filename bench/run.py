@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from expertmap.actors.config import Budget, EngineConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine
-from expertmap.bench.link_profiles import get_profile
+from expertmap.actors.link_profiles import get_profile
 from expertmap.bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
 from expertmap.bench.simulator import access_trace, replay, summarize_units
 from expertmap.predictor.map_store_memory import InMemoryMapStore

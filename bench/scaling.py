@@ -22,7 +22,7 @@ from pathlib import Path
 from expertmap.actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine
 from expertmap.actors.sampling import SamplingParams
-from expertmap.bench.link_profiles import get_profile
+from expertmap.actors.link_profiles import get_profile
 from expertmap.bench.pipeline_bench import drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries
 from expertmap.bench.routing_trace import TraceRecorder, load_workload, split
 

@@ -18,24 +18,14 @@ import os
 import sys
 from pathlib import Path
 
-from expertmap.actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig, require_model_folder
+from expertmap.actors.config import BUNDLED_MODEL, Budget, EngineConfig, require_model_folder
+from expertmap.actors.link_profiles import DEFAULT_PROFILE, link_config
 
 log = logging.getLogger("expertmap")
 
 
 class UsageError(Exception):
     """A user mistake: reported as one line, exit status 2."""
-
-
-def _link_config(name: str) -> LinkConfig:
-    if name == "instant":
-        return LinkConfig(mode="instant", profile="instant")
-    if name == "cuda":
-        return LinkConfig(mode="cuda", profile="cuda")
-    from expertmap.bench.link_profiles import get_profile
-
-    profile = get_profile(name)
-    return LinkConfig(mode="auto", profile=name, copy_layer_ratio=profile.ratio)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -45,7 +35,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise UsageError(f"unknown policy {args.policy!r}; choose one of: {', '.join(sorted(POLICIES))}")
     try:
         budget = Budget.parse(args.budget)
-        link = _link_config(args.link)
+        link = link_config(args.link)
         model = require_model_folder(args.model)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -175,7 +165,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown policy {p!r}; choose from {', '.join(sorted(POLICIES))}")
     try:
         Budget.parse(args.budget)
-        _link_config(args.link)
+        link_config(args.link)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     engine_prompts = args.engine_prompts
@@ -338,8 +328,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from expertmap.bench.link_profiles import DEFAULT_PROFILE
-
     ap = argparse.ArgumentParser(prog="expertmap", description="Serve MoE models with experts offloaded to host memory.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress and engine details")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -349,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=str(BUNDLED_MODEL), help="Hugging Face MoE model folder (default: bundled)")
     g.add_argument("--policy", default="on-demand", help="resident, on-demand (lru), lfu, oracle, finemoe, fate, moe-infinity, mixtral-offloading, hybrid")
     g.add_argument("--budget", default="0.25", help="fraction of all expert bytes (0.25, 25%%) or a size (2GiB)")
-    g.add_argument("--link", default=DEFAULT_PROFILE, help="link profile (see bench/link_profiles.py), or instant")
+    g.add_argument("--link", default=DEFAULT_PROFILE, help="link profile (python -m expertmap.actors.link_profiles lists them), instant or cuda")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     g.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")

@@ -75,7 +75,7 @@ class AppArgs(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     # not in the bundled configs; defaults are the embedded ones
-    link: str = "rtx3090-pcie4-mixtral"  # a link profile (bench/link_profiles.py), "instant" or "cuda"
+    link: str = "rtx3090-pcie4-mixtral"  # a link profile (expertmap.actors.link_profiles), "instant" or "cuda"
     device: str = "auto"  # auto: cuda when the replica sees one, else cpu
     allow_unauthenticated: bool = False  # serve beyond loopback without API keys (explicit opt-in)
 
@@ -147,14 +147,14 @@ def check_exposure(a: AppArgs) -> None:
 
 def engine_config(a: AppArgs):
     from expertmap.actors.config import EngineConfig
-    from expertmap.cluster.cli import _link_config
+    from expertmap.actors.link_profiles import link_config
 
     device = a.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return EngineConfig(model=a.model_path, device=device, policy=a.policy, budget=a.budget, link=_link_config(a.link))
+    return EngineConfig(model=a.model_path, device=device, policy=a.policy, budget=a.budget, link=link_config(a.link))
 
 
 def make_pipeline(a: AppArgs):

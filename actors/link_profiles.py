@@ -1,6 +1,6 @@
 """Link profiles: how long one expert copy takes, in decoder-layer decode times, on real hardware.
 
-The emulated link (DESIGN.md section 5) keeps the ratio that matters on real machines:
+The emulated link (docs/link-and-host-models.md) keeps the ratio that matters on real machines:
     ratio = (one expert's host->device copy time) / (one decoder layer's decode time)
 and applies it to the small model's measured layer time. Each profile below derives the ratio
 from public hardware figures and the real model's sizes; the arithmetic is in the code so it can
@@ -9,12 +9,14 @@ HBM (attention weights + the top-k experts' weights) divided by HBM bandwidth.
 
 | profile | model | GPU (HBM) | link | expert copy | layer decode | ratio |
 | --- | --- | --- | --- | --- | --- | --- |
-(the table is printed by ``python -m bench.link_profiles``)
+(the table is printed by ``python -m expertmap.actors.link_profiles``)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from expertmap.actors.config import LinkConfig
 
 GB = 1e9
 
@@ -78,7 +80,9 @@ PROFILES: dict[str, LinkProfile] = {
         LinkProfile("rtx3090-pcie4-phi35moe", PHI35_MOE, "RTX 3090", 936 * GB, "PCIe 4.0 x16", 32 * GB),
     )
 }
-DEFAULT_PROFILE = "rtx3090-pcie4-mixtral"
+DEFAULT_PROFILE = LinkConfig().profile  # the default is defined once, on LinkConfig
+#: Link names that are not hardware profiles: no link delay (a test aid), real CUDA copies.
+SPECIAL_LINKS = ("instant", "cuda")
 
 
 class UnknownProfileError(ValueError):
@@ -90,8 +94,18 @@ def get_profile(name: str) -> LinkProfile:
         return PROFILES[name]
     except KeyError:
         raise UnknownProfileError(
-            f"unknown link profile {name!r}; choose one of: {', '.join(PROFILES)} (or 'instant' for no link delay)"
+            f"unknown link profile {name!r}; choose one of: {', '.join([*PROFILES, *SPECIAL_LINKS])}"
         ) from None
+
+
+def link_config(name: str) -> LinkConfig:
+    """The one parser of link names (CLI, Serve args, bench): a profile of ``PROFILES``,
+    ``instant`` (no delay) or ``cuda`` (real copies). Raises ``UnknownProfileError`` (a ValueError)."""
+    if name == "instant":
+        return LinkConfig(mode="instant", profile="instant")
+    if name == "cuda":
+        return LinkConfig(mode="cuda", profile="cuda")
+    return LinkConfig(mode="auto", profile=name, copy_layer_ratio=get_profile(name).ratio)
 
 
 def table() -> str:
