@@ -68,7 +68,6 @@ class ExpertCache:
         self._pins: dict[Key, int] = {}
         self._unused_prefetch: set[Key] = set()  # prefetched, not yet accessed
         self._late_prefetch: set[Key] = set()  # accessed while its prefetch was still on the link
-        self._hint: list[Prefetch] = []  # a plan from outside the policy, for an otherwise idle link
         self._wake = False
         self._stop = False
         self._error: BaseException | None = None
@@ -155,15 +154,6 @@ class ExpertCache:
             self._wake = True
             self._cv.notify_all()
 
-    def set_hint(self, plan: list[Prefetch]) -> None:
-        """A prefetch plan for the time the policy has none (e.g. a pipeline stage waiting for its
-        next micro-batch, told by stage 0 what that micro-batch is). Same rules as the policy's plan
-        (idle link, free slot or admitted victim); replaced by the next call, [] clears it."""
-        with self._cv:
-            self._hint = sorted(plan, key=lambda p: -p.priority)
-            self._wake = True
-            self._cv.notify_all()
-
     def preload(self, keys: list[Key]) -> None:
         """Fill slots synchronously before a run (no statistics): the `resident` policy's set-up."""
         with self._cv:
@@ -222,7 +212,7 @@ class ExpertCache:
             return key, slot, False
         if not self.policy.ctx.prefetch:
             return None
-        plan = sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority) or self._hint
+        plan = sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority)
         for want in plan:
             if self.contains(want.key) or (self._owned is not None and want.key[0] not in self._owned):
                 continue

@@ -4,8 +4,8 @@ The last stage holds one ``TokenSampler`` per request: the logits processors ``g
 build for the same options (EOS held back until ``min_new_tokens``; then temperature, top-k from
 the model's generation config, top-p), and, when sampling, a private ``torch.Generator`` seeded
 with the request's seed. A CPU generator seeded with ``s`` yields the same stream as
-``torch.manual_seed(s)``, so a seeded request gives the same tokens as ``OffloadEngine.generate``
-(which seeds the global generator and calls ``generate()``) while many requests interleave.
+``torch.manual_seed(s)``, so a seeded request gives the same tokens as transformers' ``generate()``
+after ``torch.manual_seed(s)``, while many requests interleave and the global generator is left alone.
 """
 
 from __future__ import annotations
@@ -36,6 +36,15 @@ class SamplingParams:
     @property
     def min_new(self) -> int:
         return self.max_new_tokens if self.min_new_tokens is None else self.min_new_tokens
+
+    def finish_reason(self, generated: int, token: int, eos_ids: set[int]) -> str | None:
+        """After ``generated`` new tokens, the last being ``token``: "length", "stop" (end of
+        sequence once ``min_new_tokens`` are out) or None (go on), as ``generate()`` decides."""
+        if generated >= self.max_new_tokens:
+            return "length"
+        if token in eos_ids and generated >= self.min_new:
+            return "stop"
+        return None
 
 
 class TokenSampler:

@@ -15,7 +15,8 @@ import time
 import torch
 
 from expertmap.actors.config import BUNDLED_MODEL, EngineConfig, LinkConfig
-from expertmap.actors.engine import OffloadEngine, load_plain_model
+from expertmap.actors.engine import OffloadEngine
+from expertmap.actors.model_folder import load_plain_model
 
 
 def timed(fn) -> float:

@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from expertmap.actors.config import Budget, EngineConfig, LinkConfig
+from expertmap.actors.config import Budget, EngineConfig
 from expertmap.actors.sampling import SamplingParams
-from expertmap.actors.link_profiles import get_profile
-from expertmap.bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
+from expertmap.actors import defaults
+from expertmap.actors.link_profiles import link_config
+from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
+from expertmap.actors.trace_recorder import RequestTrace, TraceRecorder
+from expertmap.cluster.workload import load_workload, split
 
 logger = logging.getLogger(__name__)
 
@@ -121,27 +124,27 @@ def warm_entries(traces: list[RequestTrace]) -> list[tuple[np.ndarray, np.ndarra
 
 @dataclass
 class PipelineBenchConfig:
-    workload: Path
     out: Path
-    model: Path
     gpus: int
+    workload: Path = DEFAULT_WORKLOAD
+    model: Path = defaults.BUNDLED_MODEL
     warm: Path | None = None
     limit: int = 32
     warm_limit: int = 200
     policies: tuple[str, ...] = ("on-demand", "lfu", "fate", "mixtral-offloading", "moe-infinity", "finemoe", "hybrid")
-    budget: str = "0.25"
-    link: str = "rtx3090-pcie4-mixtral"
-    max_new_tokens: int = 32
+    budget: str = defaults.BUDGET
+    link: str = defaults.LINK  # a link name as link_config parses it
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
     greedy: bool = False
     seed: int = 0
     concurrency: int = 8
-    prefetch_distance: int = 3
+    prefetch_distance: int = defaults.PREFETCH_DISTANCE
     device: str = "cpu"
 
 
 def run_policies(cfg: PipelineBenchConfig) -> dict:
-    """Every policy on an N-stage pipeline, same prompts and seeds; results.json per DESIGN.md
-    section 6 plus each policy's per-stage figures."""
+    """Every policy on an N-stage pipeline, same prompts and seeds; results.json as
+    docs/benchmarks.md describes it, plus each policy's per-stage figures."""
     import ray
 
     from expertmap.cluster.pipeline import MAP_POLICIES, Pipeline, PipelineConfig
@@ -150,7 +153,7 @@ def run_policies(cfg: PipelineBenchConfig) -> dict:
     policies = [p for p in cfg.policies if p != "oracle"]
     if skipped:
         logger.warning("oracle is replay-only (it needs the run's future trace): left out of --gpus runs")
-    profile = get_profile(cfg.link)
+    link = link_config(cfg.link)
     records = load_workload(cfg.workload)
     warm, evals = (load_workload(cfg.warm), records) if cfg.warm else split(records, 0.7, cfg.seed)
     warm, evals = warm[: cfg.warm_limit], evals[: cfg.limit]
@@ -164,7 +167,6 @@ def run_policies(cfg: PipelineBenchConfig) -> dict:
         entries = warm_entries(traces)
     recorder.close()
     start_local_ray(cfg.gpus)
-    link = LinkConfig(copy_layer_ratio=profile.ratio, profile=cfg.link)
     results: dict = {"policies": {}}
     outputs = []
     for policy in tqdm(policies, desc=f"policies on {cfg.gpus} stages", unit="policy"):
@@ -188,9 +190,9 @@ def run_policies(cfg: PipelineBenchConfig) -> dict:
         outputs += [{"id": r["id"], "policy": policy, "text": tokenizer.decode(o, skip_special_tokens=True)}
                     for r, o in zip(evals, run["outputs"])]  # fmt: skip
     results["config"] = {
-        "model": str(cfg.model), "workload": str(cfg.workload), "gpus": cfg.gpus, "concurrency": cfg.concurrency,
+        "model": recorded(cfg.model), "workload": recorded(cfg.workload), "gpus": cfg.gpus, "concurrency": cfg.concurrency,
         "eval_prompts": len(prompts), "warm_prompts": len(warm), "budget": cfg.budget, "link": cfg.link,
-        "copy_layer_ratio": profile.ratio, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
+        "copy_layer_ratio": link.copy_layer_ratio, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed,
         "decoding": "greedy" if cfg.greedy else "seeded sampling", "prefetch_distance": cfg.prefetch_distance,
         "timing": "real time: Ray stage actors, emulated link per stage", "skipped": skipped,
     }  # fmt: skip
@@ -203,13 +205,18 @@ def run_policies(cfg: PipelineBenchConfig) -> dict:
     return results
 
 
+def _ratio(cfg: dict) -> str:
+    r = cfg.get("copy_layer_ratio")
+    return f" (ratio {r:.1f})" if r else ""
+
+
 def write_pipeline_report(results: dict, out: Path) -> None:
     cfg = results["config"]
     lines = [
         f"# Pipeline benchmark: {cfg['gpus']} stages, concurrency {cfg['concurrency']}",
         "",
         f"{cfg['eval_prompts']} prompts of `{cfg['workload']}`, {cfg['max_new_tokens']} new tokens, {cfg['decoding']}, "
-        f"budget {cfg['budget']} of each stage's experts, link `{cfg['link']}` (ratio {cfg['copy_layer_ratio']:.1f}) per stage.",
+        f"budget {cfg['budget']} of each stage's experts, link `{cfg['link']}`{_ratio(cfg)} per stage.",
         "",
         "| policy | hit rate | per-stage hit rate | tokens/s | TTFT p50 ms | TPOT p50 ms | TPOT p99 ms | stall s | moved MiB |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -1,6 +1,6 @@
 """`expertmap bench`: every policy on the same prompts, same routing, same budget and link.
 
-Protocol (DESIGN.md section 5): the map store is warmed from one sample of the workload, the
+Protocol (docs/benchmarks.md): the map store is warmed from one sample of the workload, the
 policies run on a disjoint sample, with the same prompts and seeds. Two measurements:
 
 1. Trace-driven replay (``bench/simulator.py``) over all evaluation prompts: hit rate, precision,
@@ -24,36 +24,39 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
+from expertmap.actors import defaults
 from expertmap.actors.config import Budget, EngineConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine
-from expertmap.actors.link_profiles import get_profile
-from expertmap.bench.routing_trace import RequestTrace, TraceRecorder, load_workload, split
+from expertmap.actors.link_profiles import link_config
+from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
+from expertmap.actors.trace_recorder import RequestTrace, TraceRecorder
+from expertmap.cluster.workload import load_workload, split
 from expertmap.bench.simulator import access_trace, replay, summarize_units
 from expertmap.predictor.map_store_memory import InMemoryMapStore
-from expertmap.predictor.policies import POLICIES, PolicyContext, make_policy
+from expertmap.predictor.policies import POLICIES, PolicyInputs, make_policy, policy_class
 from expertmap.predictor.replica import StoreReplica
 
 logger = logging.getLogger(__name__)
 
-PREDICTIVE = ("finemoe", "fate", "moe-infinity", "mixtral-offloading", "hybrid")
-DEFAULT_POLICIES = ("resident", "on-demand", "lfu", "oracle", *PREDICTIVE)
+
+DEFAULT_POLICIES = ("resident", "on-demand", "lfu", "oracle", "finemoe", "fate", "moe-infinity", "mixtral-offloading", "hybrid")
 
 
 @dataclass
 class BenchConfig:
-    workload: Path
     out: Path
-    model: Path
+    workload: Path = DEFAULT_WORKLOAD
+    model: Path = defaults.BUNDLED_MODEL
     warm: Path | None = None
     limit: int = 200
     warm_limit: int = 400
     policies: tuple[str, ...] = DEFAULT_POLICIES
-    budget: str = "0.25"
+    budget: str = defaults.BUDGET
     budgets: tuple[float, ...] = (0.125, 0.25, 0.5)
     distances: tuple[int, ...] = (1, 2, 3, 4, 6)
-    prefetch_distance: int = 3
-    link: str = "rtx3090-pcie4-mixtral"
-    max_new_tokens: int = 32
+    prefetch_distance: int = defaults.PREFETCH_DISTANCE
+    link: str = defaults.LINK  # a link name as link_config parses it (a profile, ratio:R, instant)
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
     greedy: bool = False
     seed: int = 0
     store_capacity: int = 1000
@@ -62,6 +65,18 @@ class BenchConfig:
     # the semantic embedding the map store is searched with: the model's pooled token embeddings
     # (FineMoE's) or an all-MiniLM-L6-v2 sentence embedding of the text seen so far (384 dims)
     embedding: Literal["token", "minilm"] = "token"
+
+
+def replay_ratio(link: LinkConfig) -> float:
+    """The copy/layer ratio the replay runs at: the link's own, 0 for an instant link."""
+    if link.mode == "instant":
+        return 0.0
+    if link.copy_layer_ratio is None:
+        raise ValueError(
+            f"link {link.profile!r} has no copy/layer ratio for the replay (real copies): "
+            "use a link profile, ratio:R or instant"
+        )
+    return link.copy_layer_ratio
 
 
 def build_store(traces: list[RequestTrace], num_layers: int, num_experts: int, capacity: int, distance: int):
@@ -97,20 +112,20 @@ class PolicyFactory:
     def __init__(self, store, eams, shape, distance):
         self.store, self.eams, self.shape, self.distance = store, eams, shape, distance
 
-    def options(self, name: str, trace, synchronous: bool, distance: int | None = None) -> dict:
-        d = distance or self.distance
-        if name == "oracle":
-            return {"trace": trace}
-        if name in ("finemoe", "hybrid"):
-            return {"replica": StoreReplica(clone_store(self.store)), "prefetch_distance": d, "synchronous": synchronous}
-        if name == "moe-infinity":
-            return {"eams": self.eams.copy(), "prefetch_distance": d}
-        return {}
+    def inputs(self, name: str, trace, synchronous: bool, distance: int | None = None) -> PolicyInputs:
+        """What policy ``name`` needs, by its class's flags (each its own copy of the store)."""
+        cls = policy_class(name)
+        return PolicyInputs(
+            prefetch_distance=distance or self.distance,
+            replica=StoreReplica(clone_store(self.store)) if cls.needs_store else None,
+            trace=trace if cls.needs_trace else None,
+            eams=self.eams.copy() if cls.needs_eams else None,
+            synchronous=synchronous,
+        )
 
     def make(self, name, slots, prefetch, trace, distance=None):
         L, J, k = self.shape
-        ctx = PolicyContext(L, J, k, slots, prefetch, self.options(name, trace, True, distance))
-        return make_policy(name, ctx)
+        return make_policy(name, self.inputs(name, trace, True, distance).context(L, J, k, slots, prefetch))
 
 
 def variants(policies) -> list[tuple[str, str, bool]]:
@@ -118,7 +133,7 @@ def variants(policies) -> list[tuple[str, str, bool]]:
     out = []
     for p in policies:
         out.append((p, p, True))
-        if p in PREDICTIVE:
+        if policy_class(p).predictive:
             out.append((f"{p} (no prefetch)", p, False))
     return out
 
@@ -158,11 +173,9 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
         trace = None
         if name == "oracle":
             trace = [it.selected for req in prompts for it in req.iterations]
-        opts = factory.options(name, trace, synchronous=False)
         engine = OffloadEngine(
             EngineConfig(model=cfg.model, device=cfg.device, policy=name, budget=budget, link=link, prefetch=prefetch),
-            trace=trace,
-            extra_policy_options=opts,
+            factory.inputs(name, trace, synchronous=False),
         )
         ttfts, tpots, texts = [], [], []
         for req in prompts:
@@ -214,7 +227,8 @@ def run(cfg: BenchConfig) -> dict:
     for p in cfg.policies:
         if p not in POLICIES:
             raise ValueError(f"unknown policy {p!r}; choose from {', '.join(sorted(POLICIES))}")
-    profile = get_profile(cfg.link)
+    link = link_config(cfg.link)
+    ratio = replay_ratio(link)
     records = load_workload(cfg.workload)
     if cfg.warm is not None:
         warm, evals = load_workload(cfg.warm), records
@@ -239,8 +253,9 @@ def run(cfg: BenchConfig) -> dict:
     recorder.close()
 
     # the layer time that converts replay units to seconds: measured by an emulated-link engine
+    # (it measures the layer time before it uses its ratio; an instant link's replay has none)
     probe = OffloadEngine(EngineConfig(model=cfg.model, device=cfg.device, policy="on-demand",
-                                       link=LinkConfig(copy_layer_ratio=profile.ratio)))  # fmt: skip
+                                       link=LinkConfig(copy_layer_ratio=ratio or 1.0)))  # fmt: skip
     layer_s = probe.layer_time_s
     probe.close()
 
@@ -254,24 +269,23 @@ def run(cfg: BenchConfig) -> dict:
     for label, name, prefetch in tqdm(rows, desc="replay", unit="policy"):
         slots = total_experts if name == "resident" else main_budget
         results["policies"][label] = replay_row(
-            factory, name, prefetch, eval_traces, slots, profile.ratio, layer_s, expert_bytes, all_keys
+            factory, name, prefetch, eval_traces, slots, ratio, layer_s, expert_bytes, all_keys
         )
     for b in tqdm(cfg.budgets, desc="budget sweep", unit="budget"):
         results["budget_sweep"][str(b)] = {
-            label: replay_row(factory, name, prefetch, eval_traces, slots_of(b), profile.ratio, layer_s, expert_bytes, all_keys)
+            label: replay_row(factory, name, prefetch, eval_traces, slots_of(b), ratio, layer_s, expert_bytes, all_keys)
             for label, name, prefetch in rows
             if name != "resident" and prefetch
         }
     for d in tqdm(cfg.distances, desc="distance sweep", unit="d"):
         results["distance_sweep"][str(d)] = {
-            name: replay_row(factory, name, True, eval_traces, main_budget, profile.ratio, layer_s, expert_bytes, all_keys, d)
+            name: replay_row(factory, name, True, eval_traces, main_budget, ratio, layer_s, expert_bytes, all_keys, d)
             for name in ("finemoe", "hybrid", "moe-infinity")
             if name in cfg.policies and d <= L
         }
 
     outputs: list[dict] = []
     engine_rows = [r for r in rows if r[2]]
-    link = LinkConfig(copy_layer_ratio=profile.ratio, profile=cfg.link)
     results["engine"] = {}
     if cfg.engine_prompts > 0:
         results["engine"] = run_engine_rows(cfg, engine_rows, eval_traces[: cfg.engine_prompts], factory, link, outputs)
@@ -279,10 +293,10 @@ def run(cfg: BenchConfig) -> dict:
         if label in results["policies"]:
             results["policies"][label]["overhead_frac"] = row["overhead_frac"]
     results["config"] = {
-        "model": str(cfg.model), "workload": str(cfg.workload), "warm": str(cfg.warm) if cfg.warm else "70% split",
+        "model": recorded(cfg.model), "workload": recorded(cfg.workload), "warm": recorded(cfg.warm) or "70% split",
         "warm_prompts": len(warm), "eval_prompts": len(evals), "engine_prompts": min(cfg.engine_prompts, len(evals)),
         "budget": cfg.budget, "budget_slots": int(main_budget), "total_experts": total_experts,
-        "link": cfg.link, "copy_layer_ratio": profile.ratio, "layer_time_s": layer_s,
+        "link": cfg.link, "copy_layer_ratio": ratio, "layer_time_s": layer_s,
         "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy" if cfg.greedy else "seeded sampling",
         "seed": cfg.seed, "store_capacity": cfg.store_capacity, "store_entries": len(store),
         "prefetch_distance": cfg.prefetch_distance, "timing": "replay (virtual time, layer units x measured layer time)",

@@ -1,7 +1,7 @@
 """Scaling benchmark: the Ray pipeline on N = 1, 2, 3, 6 stages at several client concurrencies,
 against the in-process engine on the same prompts.
 
-    python -m bench.scaling --out bench/results/scaling
+    python -m expertmap.bench.scaling --out bench/results/scaling [--workload FILE]
 
 For every (N, concurrency): tokens/s, TTFT and TPOT percentiles, hit rate (all stages, and per
 stage), each stage's busy fraction. The policy is `hybrid` with its map store warmed from the warm
@@ -22,9 +22,12 @@ from pathlib import Path
 from expertmap.actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine
 from expertmap.actors.sampling import SamplingParams
-from expertmap.actors.link_profiles import get_profile
+from expertmap.actors import defaults
+from expertmap.actors.link_profiles import link_config
+from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
 from expertmap.bench.pipeline_bench import drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries
-from expertmap.bench.routing_trace import TraceRecorder, load_workload, split
+from expertmap.actors.trace_recorder import TraceRecorder
+from expertmap.cluster.workload import load_workload, split
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,9 @@ def run(args) -> dict:
 
     from expertmap.cluster.pipeline import Pipeline, PipelineConfig
 
-    profile = get_profile(args.link)
+    emulated = link_config(args.link)
+    if emulated.copy_layer_ratio is None:  # instant or cuda: there is no emulated link to compare
+        raise ValueError(f"--link {args.link!r}: the scaling run needs an emulated link (a link profile or ratio:R)")
     warm, evals = split(load_workload(args.workload), 0.7, args.seed)
     warm, evals = warm[: args.warm_limit], evals[: args.limit]
     params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=True, seed=args.seed)
@@ -44,24 +49,24 @@ def run(args) -> dict:
     entries = warm_entries(recorder.record_all(warm, args.max_new_tokens, do_sample=True, seed=args.seed, desc="warm-up"))
     recorder.close()
     budget = Budget.parse(args.budget)
-    emulated = LinkConfig(copy_layer_ratio=profile.ratio, profile=args.link)
-    instant = LinkConfig(mode="instant", profile="instant")
+    instant = link_config("instant")
     results: dict = {"runs": [], "engine": {}}
 
     # the in-process engine: the same prompts one after the other (map store warmed the same way)
     for label, link in (("emulated", emulated), ("instant", instant)):
         from expertmap.predictor.map_store_memory import InMemoryMapStore
+        from expertmap.predictor.policies import PolicyInputs
         from expertmap.predictor.replica import StoreReplica
 
         probe = OffloadEngine(EngineConfig(model=args.model, policy="on-demand", link=instant))
         shape = dict(num_layers=len(probe.layers), num_experts=probe.num_experts,
-                     embed_dim=probe.model.config.hidden_size, prefetch_distance=3)  # fmt: skip
+                     embed_dim=probe.model.config.hidden_size, prefetch_distance=defaults.PREFETCH_DISTANCE)  # fmt: skip
         probe.close()
         store = InMemoryMapStore(**shape)
         for e, m in entries:
             store.add(e, m)
         engine = OffloadEngine(EngineConfig(model=args.model, policy=args.policy, budget=budget, link=link),
-                               extra_policy_options={"replica": StoreReplica(store), "prefetch_distance": 3})  # fmt: skip
+                               PolicyInputs(replica=StoreReplica(store)))  # fmt: skip
         r = engine_drive(engine, prompts, params)
         r["hit_rate"] = engine.stats.hit_rate
         r["layer_time_s"] = engine.layer_time_s
@@ -99,9 +104,9 @@ def run(args) -> dict:
     for e in results["engine"].values():
         e.pop("_outputs")
     results["config"] = {
-        "model": str(args.model), "workload": str(args.workload), "prompts": len(prompts), "warm_prompts": len(warm),
+        "model": recorded(args.model), "workload": recorded(args.workload), "prompts": len(prompts), "warm_prompts": len(warm),
         "max_new_tokens": args.max_new_tokens, "decoding": "seeded sampling", "policy": args.policy,
-        "budget": args.budget, "link": args.link, "copy_layer_ratio": profile.ratio, "engine_layer_time_s": layer_time,
+        "budget": args.budget, "link": args.link, "copy_layer_ratio": emulated.copy_layer_ratio, "engine_layer_time_s": layer_time,
     }  # fmt: skip
     return results
 
@@ -166,18 +171,21 @@ def write(results: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", default="../shared/data/workloads/dev_mix.jsonl")
-    ap.add_argument("--model", type=Path, default=BUNDLED_MODEL)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/scaling"))
-    ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 6])
-    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
-    ap.add_argument("--limit", type=int, default=24)
-    ap.add_argument("--warm-limit", type=int, default=100)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--policy", default="hybrid")
-    ap.add_argument("--budget", default="0.25")
-    ap.add_argument("--link", default="rtx3090-pcie4-mixtral")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD,
+                    help="JSONL prompt workload, split 70:30 into warm-up and evaluation (default: the bundled sample)")
+    ap.add_argument("--model", type=Path, default=BUNDLED_MODEL, help="model folder (default: the bundled model)")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/scaling"), help="folder for results.json, results.md, scaling.png")
+    ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 6],
+                    help="comma-separated stage counts (default 1,2,3,6)")
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16],
+                    help="comma-separated numbers of clients in a closed loop (default 1,4,8,16)")
+    ap.add_argument("--limit", type=int, default=24, help="evaluation prompts (default 24)")
+    ap.add_argument("--warm-limit", type=int, default=100, help="prompts that warm the map store (default 100)")
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="new tokens per request (default 16)")
+    ap.add_argument("--policy", default=defaults.SERVE_POLICY, help=f"cache policy (default {defaults.SERVE_POLICY})")
+    ap.add_argument("--budget", default=defaults.BUDGET, help=f"fraction of each stage's expert bytes (default {defaults.BUDGET})")
+    ap.add_argument("--link", default=defaults.LINK, help=f"emulated link: a profile or ratio:R (default {defaults.LINK})")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()

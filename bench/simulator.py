@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from expertmap.actors.cache_stats import CacheStats
-from expertmap.bench.routing_trace import RequestTrace
+from expertmap.actors.trace_recorder import RequestTrace
 from expertmap.predictor.policies.base import Key, Policy, Prefetch, RouterEvent
 
 
@@ -110,6 +110,7 @@ class ReplayCache:
 
     def advance(self, until: float) -> None:
         """Run the link up to time ``until``: land finished copies, start prefetches on an idle link."""
+        started: set[Key] = set()  # an instant link (ratio 0): each expert once per call, so the loop ends
         while True:
             if self.in_flight is not None:
                 if self.in_flight[1] > until:
@@ -120,10 +121,11 @@ class ReplayCache:
                 self.link_free = max(self.link_free, until)
                 return
             for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
-                if self.contains(want.key):
+                if self.contains(want.key) or (self.ratio == 0 and want.key in started):
                     continue
                 if self._make_room(want.key, want):
                     self._start(want.key, start, True)
+                    started.add(want.key)
                 break
             if self.in_flight is None:  # nothing admissible now: idle until the next event
                 self.link_free = until
@@ -137,7 +139,7 @@ class ReplayCache:
         """
         if self.in_flight is not None:
             fkey, lands, is_prefetch = self.in_flight
-            if fkey == key or not is_prefetch:
+            if fkey == key or not is_prefetch or self.ratio == 0:
                 self._land()
                 self.link_free = max(self.link_free, lands)
                 if fkey == key:

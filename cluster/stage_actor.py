@@ -1,4 +1,4 @@
-"""A pipeline stage (``actors.stage.PipelineStage``) as a Ray actor pinned to one GPU bundle.
+"""A pipeline stage (``actors.stage.ShardRuntime``) as a Ray actor pinned to one GPU bundle.
 
 The actor holds the stage's layers, its expert cache, transfer engine and prefetch worker, and
 the KV caches of the requests in flight. It reports its figures through Ray's metrics API
@@ -15,7 +15,8 @@ import os
 import ray
 
 from expertmap.actors.config import EngineConfig
-from expertmap.actors.stage import MicroBatch, PipelineStage, StageSpec
+from expertmap.actors.shard import MicroBatch, ShardRuntime, StageSpec
+from expertmap.predictor.policies import PolicyInputs
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +55,18 @@ class _StageMetrics:
 class StageActor:
     def __init__(self, config: EngineConfig, spec: StageSpec, layer_time_s: float | None, store_handle=None,
                  prefetch_distance: int = 3, sync_interval_s: float = 1.0, torch_threads: int | None = None):  # fmt: skip
-        logging.basicConfig(level=logging.INFO)
         import torch
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        options: dict = {"prefetch_distance": prefetch_distance, "publish": spec.last}
+        replica = None
         if store_handle is not None:
             from expertmap.cluster.map_service_actor import ServiceStoreClient
             from expertmap.predictor.replica import StoreReplica
 
-            options["replica"] = StoreReplica(ServiceStoreClient(store_handle, sync_interval_s))
-        self.stage = PipelineStage(config, spec, layer_time_s, options)
+            replica = StoreReplica(ServiceStoreClient(store_handle, sync_interval_s))
+        inputs = PolicyInputs(prefetch_distance=prefetch_distance, replica=replica)
+        self.stage = ShardRuntime(config, spec, layer_time_s, inputs)
         self.stage.warm_up()
         self.metrics = _StageMetrics(spec.index)
         self.downstream: list = []
@@ -98,7 +99,7 @@ class StageActor:
         return self.stage.stats()
 
     def reset_stats(self) -> None:
-        self.stage.reset_stats()
+        self.stage.reset()
 
     def layer_time_s(self) -> float | None:
         return self.stage.layer_time_s

@@ -8,6 +8,7 @@ iteration maps to the store.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 
 import numpy as np
@@ -25,6 +26,8 @@ class StoreReplica:
         self._version = None
         self._calls = 0
         self._lock = threading.Lock()
+        self._outbox: queue.Queue | None = None
+        self.dropped = 0  # maps not published because the outbox was full
 
     def index(self) -> SearchIndex | None:
         with self._lock:
@@ -42,3 +45,29 @@ class StoreReplica:
 
     def publish(self, embedding: np.ndarray, expert_map: np.ndarray) -> None:
         self.store.add(embedding, expert_map)
+
+    def publish_later(self, embedding: np.ndarray, expert_map: np.ndarray, maxsize: int = 256) -> None:
+        """``publish`` on a background thread (off the critical path); a full outbox drops the map."""
+        with self._lock:
+            if self._outbox is None:
+                self._outbox = queue.Queue(maxsize=maxsize)
+                threading.Thread(target=self._drain, name="map-publisher", daemon=True).start()
+        try:
+            self._outbox.put_nowait((embedding, expert_map))
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self) -> None:
+        """Wait until every map handed to ``publish_later`` has reached the store."""
+        if self._outbox is not None:
+            self._outbox.join()
+
+    def _drain(self) -> None:
+        while True:
+            embedding, expert_map = self._outbox.get()
+            try:
+                self.publish(embedding, expert_map)
+            except Exception as exc:  # store or service away: the map is lost, serving goes on
+                logger.warning("publishing an expert map failed: %s", exc)
+            finally:
+                self._outbox.task_done()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from expertmap.actors.config import EngineConfig, LinkConfig
-from expertmap.actors.engine import OffloadEngine, load_plain_model
+from expertmap.actors.engine import OffloadEngine
+from expertmap.actors.model_folder import load_plain_model
 from expertmap.actors.transfer import CudaTransfer
 
 pytestmark = pytest.mark.gpu

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from expertmap.actors.config import Budget, EngineConfig, LinkConfig
-from expertmap.actors.engine import ModelFolderError, OffloadEngine, load_plain_model
+from expertmap.actors.engine import OffloadEngine
+from expertmap.actors.model_folder import ModelFolderError, load_plain_model
 from expertmap.actors.expert_cache import CacheBudgetError
+from expertmap.predictor.policies import PolicyInputs
 from tests.tiny_models import save_tiny
 
 INSTANT = LinkConfig(mode="instant", profile="instant")
@@ -20,7 +22,7 @@ PROMPTS = ["def merge_sort(items):\n", "Question: A farmer has 12 cows", "The ri
 
 
 def run_policy(folder, policy, budget, link, trace=None, max_new_tokens=16):
-    engine = OffloadEngine(EngineConfig(model=folder, policy=policy, budget=budget, link=link), trace=trace)
+    engine = OffloadEngine(EngineConfig(model=folder, policy=policy, budget=budget, link=link), PolicyInputs(trace=trace))
     try:
         for p in PROMPTS:
             engine.generate(p, max_new_tokens=max_new_tokens, do_sample=True, seed=1)
@@ -41,27 +43,31 @@ def test_resident_has_no_misses_and_oracle_beats_on_demand_at_every_budget(bundl
         assert oracle.precision <= 1.0
 
 
-def test_recorder_keeps_one_expert_map_per_iteration(bundled_model):
-    engine = OffloadEngine(EngineConfig(model=bundled_model.folder, policy="on-demand", link=INSTANT))
+def test_trace_recorder_keeps_one_expert_map_per_iteration(bundled_model):
+    """The trace recorder listens to the shard runtime's events: one entry per iteration with
+    every layer's router distribution, the pooled token embedding and the experts computed."""
+    from expertmap.actors.trace_recorder import TraceRecorder
+
+    recorder = TraceRecorder(bundled_model.folder)
     try:
-        g = engine.generate(PROMPTS[0], max_new_tokens=5)
-        records = engine.recorder.records
-        assert len(records) == 5  # prefill + 4 decode steps
-        L, J = len(engine.layers), engine.num_experts
-        for r in records:
-            assert r.expert_map.shape == (1, L, J)
-            np.testing.assert_allclose(r.expert_map.sum(-1), 1.0, rtol=1e-5)
-        assert records[0].num_tokens == g.prompt_tokens and records[1].num_tokens == 1
+        trace = recorder.record({"id": "a", "category": "", "prompt": PROMPTS[0]}, 5, do_sample=False, seed=0)
+        engine = recorder.engine
+        assert len(trace.iterations) == 5  # prefill + 4 decode steps
+        L, J, k = len(engine.layers), engine.num_experts, engine.top_k
+        prompt_ids = bundled_model.tokenizer(PROMPTS[0]).input_ids
+        for it in trace.iterations:
+            assert it.expert_map().shape == (L, J) and len(it.selected) == L
+            np.testing.assert_allclose(it.expert_map().sum(-1), 1.0, rtol=1e-5)
+            for probs, selected in zip(it.probs, it.selected):  # each token's top-k were computed
+                assert set(np.argsort(-probs, axis=1)[:, :k].ravel().tolist()) == set(selected)
+        assert trace.iterations[0].num_tokens == len(prompt_ids) and trace.iterations[1].num_tokens == 1
         # the embedding is the token-embedding output pooled over the iteration's tokens
-        ids = torch.tensor([bundled_model.tokenizer(PROMPTS[0]).input_ids])
         with torch.no_grad():
-            emb = engine.model.get_input_embeddings()(ids).mean(dim=1)
-        np.testing.assert_allclose(records[0].embedding, emb.numpy(), rtol=1e-6)
-        # the recorded map is the router's softmax: its top-k are the experts the layer accessed
-        first_layer = engine.trace[0][0]
-        assert set(first_layer) <= set(range(J)) and len(first_layer) >= engine.top_k
+            emb = engine.model.get_input_embeddings()(torch.tensor([prompt_ids])).mean(dim=1)
+        np.testing.assert_allclose(trace.iterations[0].embedding, emb[0].numpy(), rtol=1e-6)
+        assert [it.selected for it in trace.iterations] == engine.trace  # the oracle's input agrees
     finally:
-        engine.close()
+        recorder.close()
 
 
 def test_budget_too_small_is_a_clear_error(bundled_model):

@@ -27,8 +27,8 @@ def make_cache(policy: Policy, slots: int, transfer_cls=InstantLink) -> ExpertCa
     return ExpertCache(pool, transfer_cls(pool), policy, host_weights, expert_bytes=24)
 
 
-def ctx(slots: int, prefetch: bool = True, **options) -> PolicyContext:
-    return PolicyContext(LAYERS, EXPERTS, 2, slots, prefetch, options)
+def ctx(slots: int, prefetch: bool = True, **inputs) -> PolicyContext:
+    return PolicyContext(LAYERS, EXPERTS, 2, slots, prefetch, **inputs)
 
 
 def run_layer(cache: ExpertCache, layer: int, experts: list[int]) -> dict[int, float]:

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from expertmap.actors.config import EngineConfig, LinkConfig
-from expertmap.actors.engine import OffloadEngine, load_plain_model
+from expertmap.actors.engine import OffloadEngine
+from expertmap.actors.model_folder import load_plain_model
+from expertmap.predictor.policies import PolicyInputs
 from tests.tiny_models import TINY_CONFIGS, save_tiny
 
 POLICIES = ["resident", "on-demand", "lfu", "oracle"]
@@ -45,7 +47,7 @@ def offloaded_tokens(folder, policy: str, budget: float, prompt: list[int], link
         first.generate(prompt, max_new_tokens=NEW_TOKENS, **gen)
         trace = first.trace
         first.close()
-    engine = OffloadEngine(EngineConfig(model=folder, policy=policy, budget=budget, link=link), trace=trace)
+    engine = OffloadEngine(EngineConfig(model=folder, policy=policy, budget=budget, link=link), PolicyInputs(trace=trace))
     try:
         g = engine.generate(prompt, max_new_tokens=NEW_TOKENS, **gen)
         return g.token_ids, g.stats
@@ -103,7 +105,7 @@ def test_default_experts_implementation_gives_same_greedy_tokens(bundled_model):
 @pytest.fixture(scope="module")
 def warm_factory(bundled_model):
     """A map store and activation matrices warmed from a few prompts, as `expertmap bench` does."""
-    from expertmap.bench.routing_trace import TraceRecorder
+    from expertmap.actors.trace_recorder import TraceRecorder
     from expertmap.bench.run import PolicyFactory, build_store, request_eams
 
     recorder = TraceRecorder(bundled_model.folder)
@@ -123,7 +125,7 @@ def test_predictive_policies_lossless_on_the_real_engine(bundled_model, warm_fac
     for budget in (0.25, bundled_model.smallest_budget):
         engine = OffloadEngine(
             EngineConfig(model=bundled_model.folder, policy=policy, budget=budget, link=link),
-            extra_policy_options=warm_factory.options(policy, None, synchronous=False),
+            warm_factory.inputs(policy, None, synchronous=False),
         )
         try:
             g = engine.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=True, seed=3)

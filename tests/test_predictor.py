@@ -12,7 +12,7 @@ import torch
 from expertmap.predictor.arc import ARC
 from expertmap.predictor.background import BackgroundPlanner
 from expertmap.predictor.map_store_memory import InMemoryMapStore
-from expertmap.predictor.policies import PolicyContext, make_policy
+from expertmap.predictor.policies import PolicyInputs, make_policy
 from expertmap.predictor.policies.base import RouterEvent
 from expertmap.predictor.policies.fate import layer_quotas
 from expertmap.predictor.replica import StoreReplica
@@ -75,8 +75,8 @@ def finemoe(slots=8, distance=2, publish=False, store_n=50):
     store = InMemoryMapStore(L, J, D, 1000, prefetch_distance=distance)
     for e, m in zip(emb, maps):
         store.add(e, m)
-    opts = {"replica": StoreReplica(store), "prefetch_distance": distance, "synchronous": True, "publish": publish}
-    return make_policy("finemoe", PolicyContext(L, J, 2, slots, True, opts)), emb, maps, store
+    inputs = PolicyInputs(replica=StoreReplica(store), prefetch_distance=distance, synchronous=True, publish=publish)
+    return make_policy("finemoe", inputs.context(L, J, 2, slots, True)), emb, maps, store
 
 
 def test_finemoe_plans_the_window_with_priority_p_over_distance():

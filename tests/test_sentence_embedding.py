@@ -45,7 +45,7 @@ def test_missing_package_names_it(monkeypatch):
 
 
 def test_trace_recorder_minilm(bundled_model, embedder):
-    from expertmap.bench.routing_trace import TraceRecorder
+    from expertmap.actors.trace_recorder import TraceRecorder
     from expertmap.bench.run import PolicyFactory, build_store, replay_row, request_eams
 
     recorder = TraceRecorder(bundled_model.folder, embedding="minilm", embedder=embedder)

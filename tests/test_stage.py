@@ -8,14 +8,15 @@ import pytest
 from expertmap.actors.config import EngineConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine
 from expertmap.actors.sampling import SamplingParams
-from expertmap.actors.stage import MicroBatch, PipelineStage, StageStateError, Step, split_layers
+from expertmap.actors.shard import MicroBatch, ShardRuntime, StageStateError, Step, split_layers
+from expertmap.predictor.policies import PolicyInputs
 from tests.tiny_models import TINY_CONFIGS, save_tiny
 
 INSTANT = LinkConfig(mode="instant", profile="instant")
 NEW = 6
 
 
-def run_pipeline(stages: list[PipelineStage], prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+def run_pipeline(stages: list[ShardRuntime], prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     """All prompts in one micro-batch per iteration, through every stage in order."""
     out: list[list[int]] = [[] for _ in prompts]
     steps = [Step(str(i), 0, p, params) for i, p in enumerate(prompts)]
@@ -60,7 +61,7 @@ def test_every_family_split_in_two_matches_the_engine(family, tmp_path):
     config = EngineConfig(model=folder, policy="on-demand", budget=0.5, link=INSTANT)
     want = engine_tokens(config, prompts)
     layers = TINY_CONFIGS[family]().num_hidden_layers
-    stages = [PipelineStage(config, spec) for spec in split_layers(layers, 2)]
+    stages = [ShardRuntime(config, spec) for spec in split_layers(layers, 2)]
     try:
         assert run_pipeline(stages, prompts, SamplingParams(max_new_tokens=NEW)) == want
     finally:
@@ -76,7 +77,7 @@ def test_bundled_model_split_n_ways_matches_greedy_and_seeded_sampling(bundled_m
     sample = {"do_sample": True, "seed": 7, "temperature": 0.8, "top_p": 0.9}
     want_greedy = engine_tokens(config, prompts)
     want_sampled = engine_tokens(config, prompts, **sample)
-    stages = [PipelineStage(config, spec) for spec in split_layers(8, n)]
+    stages = [ShardRuntime(config, spec) for spec in split_layers(8, n)]
     try:
         assert run_pipeline(stages, prompts, SamplingParams(max_new_tokens=NEW)) == want_greedy
         assert run_pipeline(stages, prompts, SamplingParams(max_new_tokens=NEW, **sample)) == want_sampled
@@ -92,7 +93,7 @@ def test_bundled_model_split_n_ways_matches_greedy_and_seeded_sampling(bundled_m
 
 def test_a_step_for_a_lost_kv_cache_is_refused(bundled_model):
     config = EngineConfig(policy="on-demand", link=INSTANT)
-    (stage,) = [PipelineStage(config, spec) for spec in split_layers(8, 1)]
+    (stage,) = [ShardRuntime(config, spec) for spec in split_layers(8, 1)]
     try:
         with pytest.raises(StageStateError, match="holds no KV cache for request 'x' at position 5"):
             stage.forward(MicroBatch([Step("x", 5, [3])]))
@@ -120,7 +121,7 @@ def test_stage_zero_hints_the_next_stage_before_its_activations_arrive(bundled_m
         store.add(rng.standard_normal(128).astype(np.float32), m)
     config = EngineConfig(policy="hybrid", budget=0.5, link=INSTANT)
     specs = split_layers(8, 2)
-    stages = [PipelineStage(config, spec, policy_options={"replica": StoreReplica(store), "prefetch_distance": 3})
+    stages = [ShardRuntime(config, spec, inputs=PolicyInputs(replica=StoreReplica(store), prefetch_distance=3))
               for spec in specs]  # fmt: skip
     hinted: list[int] = []
     stages[0].on_embeddings = lambda emb: hinted.append(stages[1].hint(emb))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from expertmap.predictor.policies.base import Key, Policy, PolicyContext, Position, Prefetch
+from expertmap.predictor.policies.base import Key, Policy, PolicyContext, PolicyInputs, Position, Prefetch
 from expertmap.predictor.policies.fate import Fate, FateLossy
 from expertmap.predictor.policies.finemoe import FineMoE
 from expertmap.predictor.policies.hybrid import Hybrid
@@ -24,12 +24,16 @@ class UnknownPolicyError(ValueError):
     pass
 
 
-def make_policy(name: str, ctx: PolicyContext) -> Policy:
+def policy_class(name: str) -> type[Policy]:
+    """The registered class of ``name`` (its flags say what it needs and whether it is lossless)."""
     try:
-        cls = POLICIES[name]
+        return POLICIES[name]
     except KeyError:
         raise UnknownPolicyError(f"unknown policy {name!r}; choose one of: {', '.join(sorted(POLICIES))}") from None
-    return cls(ctx)
+
+
+def make_policy(name: str, ctx: PolicyContext) -> Policy:
+    return policy_class(name)(ctx)
 
 
 __all__ = [
@@ -38,8 +42,10 @@ __all__ = [
     "Key",
     "Policy",
     "PolicyContext",
+    "PolicyInputs",
     "Position",
     "Prefetch",
     "UnknownPolicyError",
     "make_policy",
+    "policy_class",
 ]

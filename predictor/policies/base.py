@@ -13,9 +13,10 @@ except the router probabilities they are shown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 Key = tuple[int, int]  # (MoE layer index, expert index)
@@ -44,21 +45,63 @@ class RouterEvent:
         return self._next_value
 
 
+DEFAULT_PREFETCH_DISTANCE = 3  # layers ahead; FineMoE's paper uses 3 for Mixtral (docs/policies.md)
+
+
+@dataclass(frozen=True)
+class PolicyInputs:
+    """What a run hands its policy besides the cache's shape (see ``PolicyContext``)."""
+
+    prefetch_distance: int = DEFAULT_PREFETCH_DISTANCE
+    replica: Any = None
+    publish: bool = True
+    trace: list | None = None
+    eams: np.ndarray | None = None
+    synchronous: bool = False
+    tuning: Any = None
+
+    def context(self, num_layers: int, num_experts: int, top_k: int, num_slots: int, prefetch: bool = True,
+                layers: tuple[int, ...] | None = None, **overrides) -> PolicyContext:  # fmt: skip
+        given = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PolicyContext(num_layers, num_experts, top_k, num_slots, prefetch, layers=layers, **{**given, **overrides})
+
+
 @dataclass(frozen=True)
 class PolicyContext:
+    """What a run hands its policy: the cache's shape and the inputs some policies need (each
+    policy class says which it needs: ``needs_store``, ``needs_trace``, ``needs_eams``)."""
+
     num_layers: int  # MoE layers L
     num_experts: int  # routed experts per layer J
     top_k: int
     num_slots: int  # cache capacity in experts
     prefetch: bool = True  # False: eviction rule alone (ablation)
-    options: dict[str, Any] = field(default_factory=dict)
+    _: KW_ONLY
     #: The MoE layers whose experts this cache holds (a pipeline stage's shard); None: all L.
     #: Layer indices stay global: a stage's policy still sees the trajectory of earlier stages.
     layers: tuple[int, ...] | None = None
+    prefetch_distance: int = DEFAULT_PREFETCH_DISTANCE
+    #: the expert-map store (a ``predictor.replica.StoreReplica``) for map-searching policies
+    replica: Any = None
+    #: publish each finished iteration's map to ``replica`` (a pipeline: only its last stage does)
+    publish: bool = True
+    #: the run's future accesses, [iteration][moe layer] -> experts (the oracle)
+    trace: list | None = None
+    #: earlier requests' expert activation matrices [R, L, J] (MoE-Infinity)
+    eams: np.ndarray | None = None
+    #: run background planning inline (trace-driven replay, tests)
+    synchronous: bool = False
+    #: the policy's own tuning: an instance of its ``Tuning`` dataclass; None: its defaults
+    tuning: Any = None
 
     @property
     def owned_layers(self) -> tuple[int, ...]:
         return tuple(range(self.num_layers)) if self.layers is None else self.layers
+
+
+@dataclass(frozen=True)
+class NoTuning:
+    """A policy without tunable settings."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +124,23 @@ class Policy:
     name = "base"
     #: resident experts are loaded before the run and never evicted
     all_resident = False
+    #: output equals the un-offloaded model's (False: quantised transfers, e.g. fate-lossy)
+    lossless = True
+    #: it copies experts ahead of use (so "no prefetch" is a meaningful ablation)
+    predictive = False
+    #: which ``PolicyContext`` inputs it needs
+    needs_store = False
+    needs_trace = False
+    needs_eams = False
+    #: its settings; ``ctx.tuning`` must be an instance (or None for the defaults)
+    Tuning: type = NoTuning
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
+        tuning = self.Tuning() if ctx.tuning is None else ctx.tuning
+        if not isinstance(tuning, self.Tuning):
+            raise TypeError(f"policy {self.name!r} takes tuning {self.Tuning.__name__}, got {type(tuning).__name__}")
+        self.tuning = tuning
         self.pos = Position()
         self._recency: dict[Key, int] = {}
         self._clock = 0
@@ -110,6 +167,13 @@ class Policy:
 
     def on_request_start(self) -> None:
         """A new request (prompt) begins; its prefill is the next iteration."""
+
+    def on_hint(self, embeddings: np.ndarray) -> int:
+        """An earlier pipeline stage has embedded the micro-batch that comes here next
+        (``embeddings`` [B, D]): a policy may plan the copies it wants before the activations
+        arrive. Called on a control thread beside the computation; the next
+        ``on_iteration_start`` supersedes it. Returns how many experts it planned (default: 0)."""
+        return 0
 
     def close(self) -> None:
         """Stop background work."""

@@ -1,4 +1,4 @@
-"""`fate`: Fate's cross-layer gate (Fang et al., arXiv 2502.12224), as DESIGN.md section 4.
+"""`fate`: Fate's cross-layer gate (Fang et al., arXiv 2502.12224), as docs/policies.md describes it.
 
 - Prediction: layer l+1's router applied to layer l's router input (the hidden state after the
   post-attention norm) predicts layer l+1's experts; each token's top-(k+1) are prefetched (union
@@ -44,6 +44,7 @@ def gate_prediction(event: RouterEvent, width: int) -> list[Prefetch]:
 
 class Fate(Policy):
     name = "fate"
+    predictive = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -107,6 +108,7 @@ class Fate(Policy):
 
 class FateLossy(Fate):
     name = "fate-lossy"
+    lossless = False
 
     def __init__(self, ctx):
         super().__init__(ctx)

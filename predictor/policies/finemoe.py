@@ -1,4 +1,4 @@
-"""`finemoe`: FineMoE's fine-grained expert offloading (Yu et al., EuroSys '26), as DESIGN.md section 4.
+"""`finemoe`: FineMoE's fine-grained expert offloading (Yu et al., EuroSys '26), as docs/policies.md describes it.
 
 Prediction (off the critical path, in a ``BackgroundPlanner``):
 - semantic search at iteration start: the stored entry whose embedding is most cosine-similar
@@ -11,8 +11,8 @@ Prediction (off the critical path, in a ``BackgroundPlanner``):
 Eviction: the lowest predicted probability x access frequency; recency is ignored; an expert
 prefetched for layer l is protected until layer l has passed.
 
-The store is read through a ``StoreReplica`` (``ctx.options["replica"]``); finished iterations'
-maps are published to it at iteration end when ``options["publish"]`` is true.
+The store is read through a ``StoreReplica`` (``ctx.replica``); finished iterations'
+maps are published to it at iteration end when ``ctx.publish`` is true.
 """
 
 from __future__ import annotations
@@ -33,19 +33,21 @@ PRIOR = 1e-3  # predicted probability of an expert no search has mentioned
 
 class FineMoE(Policy):
     name = "finemoe"
+    predictive = True
+    needs_store = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        opts = ctx.options
-        self.replica = opts.get("replica")
-        self.distance = int(opts.get("prefetch_distance", 3))
+        self.replica = ctx.replica
+        self.distance = ctx.prefetch_distance
         if not 1 <= self.distance <= ctx.num_layers:
             raise ValueError(f"prefetch distance {self.distance} must be in 1..{ctx.num_layers} (MoE layers)")
-        self.publish = bool(opts.get("publish", True))
+        self.publish = ctx.publish
         self.freq: Counter[Key] = Counter()
         self.pred_prob: dict[Key, float] = {}
         self.protected: dict[Key, tuple[int, int]] = {}  # key -> (iteration, layer) it was fetched for
         self._plan: list[Prefetch] = []
+        self._hint_plan: list[Prefetch] = []  # from on_hint, until this cache's iteration starts
         self._iteration_maps: list[np.ndarray] = []
         self._embedding: np.ndarray | None = None
         self._index = None
@@ -54,7 +56,7 @@ class FineMoE(Policy):
         self._observed_layer = -1
         self._last_event: RouterEvent | None = None  # the newest router event, for subclasses' planning
         self.planner = BackgroundPlanner(
-            self._apply, self._replan, on_drop=self._dropped, synchronous=bool(opts.get("synchronous", False)),
+            self._apply, self._replan, on_drop=self._dropped, synchronous=ctx.synchronous,
             name=f"{self.name}-planner",
         )  # fmt: skip
 
@@ -68,6 +70,7 @@ class FineMoE(Policy):
 
     def on_iteration_start(self, iteration, embedding):
         super().on_iteration_start(iteration, embedding)
+        self._hint_plan = []  # this iteration's own plan takes over
         emb = None if embedding is None else embedding.detach().float().mean(dim=0)  # [D], batch pooled
         self.planner.submit(("start", iteration, emb))
 
@@ -113,7 +116,26 @@ class FineMoE(Policy):
         return victim is None or not self.is_protected(victim)
 
     def prefetch_plan(self):
-        return self._plan if self.ctx.prefetch else []
+        return (self._plan or self._hint_plan) if self.ctx.prefetch else []
+
+    def on_hint(self, embeddings):
+        """Semantic prediction for this cache's first ``d`` layers, made when an earlier stage has
+        embedded the micro-batch and before its activations arrive (so an idle link starts
+        copying): for each request, the best stored map's experts up to the similarity-adjusted
+        count, priority p / (rank of the layer among this cache's layers); the union over requests
+        with each expert's highest priority."""
+        index = self.replica.index() if self.replica is not None else None
+        if index is None or not self.ctx.prefetch:
+            return 0
+        first = self.ctx.owned_layers[: self.distance]
+        best_p: dict[Key, float] = {}
+        for emb in np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1):  # [B, D]
+            best, sim = index.semantic(emb)
+            for rank, layer in enumerate(first):
+                for e, p in experts_to_fetch(index.maps[best, layer], sim, self.ctx.top_k):
+                    best_p[(layer, e)] = max(best_p.get((layer, e), 0.0), p / (rank + 1))
+        self._hint_plan = sorted((Prefetch(k, p) for k, p in best_p.items()), key=lambda pf: -pf.priority)
+        return len(self._hint_plan)
 
     # --- background work -----------------------------------------------------------------------
     def _dropped(self, item):

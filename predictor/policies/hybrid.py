@@ -24,6 +24,8 @@ Prefetched experts stay protected until their layer has passed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from expertmap.predictor.policies.base import Key
 from expertmap.predictor.policies.fate import gate_prediction
 from expertmap.predictor.policies.finemoe import FineMoE
@@ -31,13 +33,20 @@ from expertmap.predictor.policies.finemoe import FineMoE
 P_FLOOR = 1e-3
 
 
+@dataclass(frozen=True)
+class HybridTuning:
+    decay: float = 0.8  # per-iteration decay of the request-local use estimate, in (0, 1)
+    map_weight: float = 1.5  # weight of the matched map's probability as a floor of p (0: off)
+
+
 class Hybrid(FineMoE):
     name = "hybrid"
+    Tuning = HybridTuning
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.decay = float(ctx.options.get("decay", 0.8))
-        self.map_weight = float(ctx.options.get("map_weight", 1.5))
+        self.decay = self.tuning.decay
+        self.map_weight = self.tuning.map_weight
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"hybrid decay {self.decay} must be in (0, 1)")
         self._gate_plan = []
@@ -73,7 +82,7 @@ class Hybrid(FineMoE):
         if not self.ctx.prefetch:
             return []
         nxt = {pf.key[0] for pf in self._gate_plan}
-        return self._gate_plan + [pf for pf in self._plan if pf.key[0] not in nxt]
+        return self._gate_plan + [pf for pf in self._plan if pf.key[0] not in nxt] or self._hint_plan
 
     # --- the predicted-Belady cache --------------------------------------------------------------
     def on_layer_start(self, layer, experts):

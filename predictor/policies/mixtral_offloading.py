@@ -12,6 +12,7 @@ from expertmap.predictor.policies.fate import gate_prediction
 
 class MixtralOffloading(Policy):
     name = "mixtral-offloading"
+    predictive = True
 
     def __init__(self, ctx):
         super().__init__(ctx)

@@ -1,14 +1,16 @@
-"""`moe-infinity`: request-level expert activation matrices (Xue et al., MoE-Infinity), as DESIGN.md says.
+"""`moe-infinity`: request-level expert activation matrices (Xue et al., MoE-Infinity), see docs/policies.md.
 
 Each request keeps an expert activation matrix (EAM): per MoE layer, how often each expert was
 selected so far in this request. At every layer the current EAM (layers seen so far, flattened)
-is cosine-matched against the EAMs of earlier requests (``ctx.options["eams"]``, [R, L, J], and
+is cosine-matched against the EAMs of earlier requests (``ctx.eams``, [R, L, J], and
 every finished request is added); the best match's most-activated experts of the coming layers
 are prefetched (top-k per layer, priority = activation ratio / distance). Eviction: the lowest
 activation ratio in the matched EAM plus the current request's own ratio.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,16 +19,24 @@ from expertmap.predictor.policies.base import Policy, Prefetch
 EPS = 1e-12
 
 
+@dataclass(frozen=True)
+class MoEInfinityTuning:
+    eam_capacity: int = 1000  # expert activation matrices kept (oldest dropped)
+
+
 class MoEInfinity(Policy):
     name = "moe-infinity"
+    predictive = True
+    needs_eams = True
+    Tuning = MoEInfinityTuning
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        eams = ctx.options.get("eams")
+        eams = ctx.eams
         L, J = ctx.num_layers, ctx.num_experts
         self.eams = np.zeros((0, L, J), np.float32) if eams is None else np.asarray(eams, np.float32)
-        self.distance = int(ctx.options.get("prefetch_distance", 3))
-        self.capacity = int(ctx.options.get("eam_capacity", 1000))
+        self.distance = ctx.prefetch_distance
+        self.capacity = self.tuning.eam_capacity
         self.current = np.zeros((L, J), np.float32)
         self.matched = np.full((L, J), 1.0 / J, np.float32)
         self._plan: list[Prefetch] = []

@@ -20,10 +20,12 @@ AccessTrace = list[list[list[int]]]  # [iteration][moe layer] -> selected expert
 
 class Oracle(Policy):
     name = "oracle"
+    predictive = True
+    needs_trace = True
 
-    def __init__(self, ctx, trace: AccessTrace | None = None):
+    def __init__(self, ctx):
         super().__init__(ctx)
-        trace = trace if trace is not None else ctx.options.get("trace")
+        trace = ctx.trace
         if trace is None:
             raise ValueError("the oracle policy needs the run's access trace (record it with a first pass)")
         L = ctx.num_layers

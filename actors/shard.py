@@ -18,7 +18,7 @@ others at the same layer, as in a batched forward pass. For the policy the micro
 iteration of a batch: one semantic embedding per request, the earlier stages' router
 distributions per request, and a router event per request and layer.
 
-Lifecycle: ``PipelineStage(config, spec)`` loads; ``warm_up``; ``forward`` (many times);
+Lifecycle: ``ShardRuntime(config, spec)`` loads; ``warm_up``; ``forward`` (many times);
 ``health``; ``stats``; ``close``.
 """
 
@@ -37,26 +37,15 @@ from torch import nn
 from expertmap.actors.cache_stats import CacheStats
 from expertmap.actors.checkpoint import CheckpointReader
 from expertmap.actors.config import EngineConfig
-from expertmap.actors.engine import (
-    _load_tokenizer,
-    calibration_ids,
-    drop_fused_experts,
-    link_bandwidth,
-    load_plain_model,
-    measure_layer_time,
-    open_model_folder,
-    resolve_link_mode,
-    slots_for_budget,
-)
-from expertmap.actors.expert_cache import ExpertCache
+from expertmap.actors.expert_cache import CacheBudgetError, ExpertCache
 from expertmap.actors.host_store import HostExpertStore
+from expertmap.actors.model_folder import ModelFolderError, load_plain_model, load_tokenizer, open_model_folder
 from expertmap.actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner
 from expertmap.actors.sampling import SamplingParams, TokenSampler
 from expertmap.actors.slot_pool import SlotPool
 from expertmap.actors.transfer import EmulatedLink, make_transfer
-from expertmap.predictor.policies import PolicyContext, make_policy
-from expertmap.predictor.policies.base import Position, Prefetch, RouterEvent
-from expertmap.predictor.search import experts_to_fetch
+from expertmap.predictor.policies import PolicyInputs, make_policy, policy_class
+from expertmap.predictor.policies.base import Position, RouterEvent
 
 logger = logging.getLogger(__name__)
 
@@ -130,26 +119,32 @@ class _RequestState:
     sampler: TokenSampler | None = None
 
 
-class PipelineStage:
+class ShardRuntime:
     def __init__(
         self,
         config: EngineConfig,
-        spec: StageSpec,
+        spec: StageSpec | None = None,
         layer_time_s: float | None = None,
-        policy_options: dict | None = None,
+        inputs: PolicyInputs | None = None,
         progress: bool = False,
     ):
+        """``spec``: the decoder layers to run (None: all of them, the in-process engine);
+        ``layer_time_s``: one decoder layer's decode time, measured here when an emulated link
+        needs it and none is given; ``inputs``: what the policy needs besides the cache's shape."""
         self.config = config
-        self.spec = spec
         self.device = torch.device(config.device)
         folder = Path(config.model)
         self.hf_config, self.adapter = open_model_folder(folder)
         model = load_plain_model(folder, config.dtype, EXPERTS_IMPLEMENTATION)
-        self.tokenizer = _load_tokenizer(folder)
+        self.tokenizer = load_tokenizer(folder)
         decoder_layers = self.adapter.decoder_layers(model)
+        spec = spec or StageSpec(0, 1, 0, len(decoder_layers))
         if spec.end > len(decoder_layers):
             raise ValueError(f"stage {spec} ends past the model's {len(decoder_layers)} decoder layers")
+        self.spec = spec
         all_moe = self.adapter.moe_layers(model)
+        if not all_moe:
+            raise ModelFolderError(f"model at {folder} has no MoE layers")
         self.num_moe_layers = len(all_moe)
         self.moe = [m for m in all_moe if spec.start <= m.decoder_index < spec.end]
         self.num_experts = self.adapter.num_experts(self.hf_config)
@@ -160,7 +155,7 @@ class PipelineStage:
         self.link_mode = mode
         self.layer_time_s = layer_time_s
         needs_time = mode == "emulated" and config.link.bandwidth_bytes_per_s is None
-        if needs_time and config.link.copy_layer_ratio is None:
+        if needs_time and config.link.copy_layer_ratio is None:  # say so before the measurement, not after
             raise ValueError("emulated link needs copy_layer_ratio or bandwidth_bytes_per_s")
         if needs_time and layer_time_s is None:
             self.layer_time_s = measure_layer_time(model, calibration_ids(self.tokenizer, self.hf_config), self.device)
@@ -172,16 +167,14 @@ class PipelineStage:
         dtype = next(self.model.parameters()).dtype
 
         pin = self.device.type == "cuda" and config.pin_host_memory
-        self.host = HostExpertStore(
-            self.adapter, CheckpointReader(folder), self.moe, self.num_experts, dtype, pin, progress
-        )
+        self.host = HostExpertStore(self.adapter, CheckpointReader(folder), self.moe, self.num_experts, dtype, pin, progress)
         self.num_slots, self.budget_bytes = slots_for_budget(config, self.host, self.top_k)
-        ctx = PolicyContext(
-            self.num_moe_layers, self.num_experts, self.top_k, self.num_slots, config.prefetch,
-            dict(policy_options or {}), layers=tuple(m.index for m in self.moe),
-        )  # fmt: skip
-        self.replica = ctx.options.get("replica")  # the last stage publishes maps (per request, below)
-        ctx.options["publish"] = False
+        inputs = inputs or PolicyInputs()
+        self.replica = inputs.replica
+        self.publish = inputs.publish and spec.last  # the last stage publishes each request's finished map
+        owned = None if len(self.moe) == self.num_moe_layers else tuple(m.index for m in self.moe)
+        ctx = inputs.context(self.num_moe_layers, self.num_experts, self.top_k, self.num_slots, config.prefetch,
+                             owned, publish=False)  # fmt: skip
         self.policy = make_policy(config.policy, ctx)
         self.pool = SlotPool(self.num_slots, self.host.shapes, dtype, self.device)
         first = make_transfer("cuda" if mode == "cuda" else "instant", self.pool, self.device, None)
@@ -193,30 +186,33 @@ class PipelineStage:
         if mode == "emulated":
             self.bandwidth = link_bandwidth(config.link, self.host.expert_bytes, self.layer_time_s)
             self.cache.transfer = EmulatedLink(self.pool, self.bandwidth)
-        self.runner = ExpertRunner(self.adapter, self.cache, self.policy.on_layer_start)
+        self.policy_s = 0.0  # time in policy callbacks on the compute thread (the critical path)
+        self.iterations_s = 0.0
+        self.runner = ExpertRunner(self.adapter, self.cache, self._on_layer_start)
         self.runner.num_layers = self.num_moe_layers
         for m in self.moe:
             m.experts._expertmap_layer = m.index
             m.experts._expertmap_runner = self.runner
         self._probs: list[list[torch.Tensor]] = []  # per request of the running micro-batch: [J] per own MoE layer
         self._current = 0  # which request of the micro-batch is computing
+        self._listeners: list = []
         self._hooks = [m.router.register_forward_hook(self._router_hook(row)) for row, m in enumerate(self.moe)]
         self.attention_types = [self.adapter.attention_type(self.hf_config, i) for i in range(spec.start, spec.end)]
         if self.policy.all_resident:
             self.cache.preload(self.host.keys())
         self.requests: dict[str, _RequestState] = {}
         self.on_embeddings = None  # stage 0: callback(embeddings [B, D]) as soon as a micro-batch is embedded
-        self.hint_distance = int(ctx.options.get("prefetch_distance", 3))
         self.iteration = -1
         self.busy_s = 0.0
         self.steps_done = 0
         self._lock = threading.Lock()  # one forward at a time (a Ray actor may run health checks beside it)
         self._started = time.perf_counter()
         logger.info(
-            "stage %d/%d ready: decoder layers %d..%d, %d MoE layers, %d slots (%.1f%% of its %d experts), "
-            "policy %s, link %s",
+            "shard %d/%d ready: decoder layers %d..%d, %d MoE layers, %d slots (%.1f%% of its %d experts), "
+            "policy %s, link %s%s",
             spec.index + 1, spec.count, spec.start, spec.end - 1, len(self.moe), self.num_slots,
             100 * self.num_slots / max(1, len(self.host)), len(self.host), config.policy, mode,
+            f" ({self.bandwidth:.3g} B/s emulated)" if self.bandwidth else "",
         )  # fmt: skip
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -237,6 +233,16 @@ class PipelineStage:
             inner.norm = nn.Identity()
             self.model.lm_head = nn.Identity()
         drop_fused_experts(self.adapter, self.moe)
+
+    def subscribe(self, listener) -> None:
+        """See every iteration (module docstring): e.g. ``actors.trace_recorder.TraceRecorder``."""
+        self._listeners.append(listener)
+
+    def _emit(self, name: str, *args) -> None:
+        for listener in self._listeners:
+            fn = getattr(listener, name, None)
+            if fn is not None:
+                fn(*args)
 
     # --- lifecycle ------------------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -266,9 +272,19 @@ class PipelineStage:
             if mb.steps:
                 t0 = time.perf_counter()
                 self._run(mb.steps)
-                self.busy_s += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                self.busy_s += elapsed
+                self.iterations_s += elapsed
                 self.steps_done += len(mb.steps)
         return mb
+
+    def hint(self, embeddings: np.ndarray) -> int:
+        """Stage 0 embedded a micro-batch that will come here: the policy may plan copies now
+        (``Policy.on_hint``), so an idle link starts before the activations arrive. Thread-safe
+        (a Ray actor calls it beside ``forward``); how many experts the policy planned."""
+        planned = self.policy.on_hint(embeddings)
+        self.cache.poke()
+        return planned
 
     def _state(self, step: Step) -> _RequestState:
         state = self.requests.get(step.rid)
@@ -287,13 +303,22 @@ class PipelineStage:
 
             state = _RequestState(DynamicCache(config=self.hf_config), 0, sampler)
             self.requests[step.rid] = state
-            self.policy.on_request_start()
+            self._timed(self.policy.on_request_start)
         elif state.length != step.start:
             raise StageStateError(
                 f"stage {self.spec.index}: request {step.rid!r} has {state.length} cached tokens, "
                 f"the step starts at {step.start}"
             )
         return state
+
+    def _timed(self, fn, *args):
+        t0 = time.perf_counter()
+        fn(*args)
+        self.policy_s += time.perf_counter() - t0
+
+    def _on_layer_start(self, layer: int, experts: list[int]) -> None:
+        self._timed(self.policy.on_layer_start, layer, experts)
+        self._emit("on_layer", self._current, layer, experts)
 
     def _run(self, steps: list[Step]) -> None:
         """One iteration of every request in ``steps``, layer by layer."""
@@ -314,9 +339,10 @@ class PipelineStage:
             hidden.append(h)
         if self.on_embeddings is not None:  # downstream stages start copying before the activations come
             self.on_embeddings(torch.cat([s.embedding for s in steps]).cpu().numpy())
-        self.cache.set_hint([])  # this micro-batch's own plan takes over
         self.iteration += 1
-        self.policy.on_iteration_start(self.iteration, torch.cat([s.embedding for s in steps]))  # [B, D]
+        self.runner.start_iteration()
+        self._timed(self.policy.on_iteration_start, self.iteration, torch.cat([s.embedding for s in steps]))  # [B, D]
+        self._emit("on_iteration_start", self.iteration, steps)
         self._replay_trajectories(steps)
         self.cache.poke()
         inputs = [self._layer_inputs(h, st.cache, s.start) for h, st, s in zip(hidden, states, steps)]
@@ -330,7 +356,7 @@ class PipelineStage:
                     use_cache=True, position_embeddings=rotary,
                 )  # fmt: skip
                 step.cache = step.cache.merge(self.cache.snapshot_stats().minus(before))
-        self.policy.on_iteration_end(self.iteration)
+        self._timed(self.policy.on_iteration_end, self.iteration)
         # what this stage does next is its first layer of the next iteration: say so to the policy
         # now, so that eviction, protection and admission of hinted prefetches look ahead from there
         self.policy.pos = Position(self.iteration + 1, self.moe_before - 1)
@@ -343,6 +369,7 @@ class PipelineStage:
                 self._finish(step, state, hidden[i])
             else:
                 step.hidden = hidden[i]
+        self._emit("on_iteration_end", self.iteration, steps)
 
     def _finish(self, step: Step, state: _RequestState, hidden: torch.Tensor) -> None:
         """Last stage: the next token, and the iteration's expert map to the store."""
@@ -350,31 +377,13 @@ class PipelineStage:
         logits = self.model.lm_head(hidden[:, -1:, :])[:, -1, :]  # [1, V]
         step.token = state.sampler.next_token(logits)
         step.hidden = None
-        if self.replica is not None and step.trajectory is not None and len(step.trajectory) == self.num_moe_layers:
-            self.replica.publish(step.embedding[0].cpu().numpy(), step.trajectory)
-
-    def hint(self, embeddings: np.ndarray) -> int:
-        """Stage 0 embedded a micro-batch that will come here: plan this stage's first ``d`` MoE
-        layers from the semantic search (FineMoE's rule: the best stored map's experts up to the
-        similarity-adjusted count, priority p / distance), so an idle link starts copying before
-        the activations arrive. Thread-safe (a Ray actor calls it beside ``forward``); how many
-        experts were planned."""
-        index = self.replica.index() if self.replica is not None else None
-        if index is None or not self.moe:
-            return 0
-        best_p: dict = {}
-        for emb in np.asarray(embeddings, dtype=np.float32).reshape(len(embeddings), -1):  # [B, D]
-            best, sim = index.semantic(emb)
-            for rank, m in enumerate(self.moe[: self.hint_distance]):
-                for e, p in experts_to_fetch(index.maps[best, m.index], sim, self.top_k):
-                    key = (m.index, e)
-                    best_p[key] = max(best_p.get(key, 0.0), p / (rank + 1))
-        self.cache.set_hint([Prefetch(k, p) for k, p in best_p.items()])
-        return len(best_p)
+        if self.publish and self.replica is not None and len(step.trajectory) == self.num_moe_layers:
+            self.replica.publish_later(step.embedding[0].cpu().numpy(), step.trajectory)
 
     def _router_hook(self, row: int):
-        """After a router runs: keep the request's pooled distribution, tell the policy (with the
-        cross-layer gate of the next MoE layer of this stage, computed only if asked)."""
+        """The one router observer: after a router runs, keep the request's pooled distribution
+        and tell the policy and the listeners (with the cross-layer gate of the next MoE layer
+        of this shard, computed only if asked)."""
         layer = self.moe[row].index
         nxt = self.moe[row + 1].router if row + 1 < len(self.moe) else None
 
@@ -385,7 +394,9 @@ class PipelineStage:
             if nxt is not None:
                 router_input = args[0].detach()
                 gate = lambda: self.adapter.router_probs(nxt.forward(router_input)).detach()  # noqa: E731
-            self.policy.on_router(RouterEvent(layer, probs, gate))
+            event = RouterEvent(layer, probs, gate)
+            self._timed(self.policy.on_router, event)
+            self._emit("on_router", self._current, event)
 
         return hook
 
@@ -395,7 +406,7 @@ class PipelineStage:
         input is not known here)."""
         for layer in range(self.moe_before):
             probs = torch.from_numpy(np.stack([s.trajectory[layer] for s in steps]))  # [B, J]
-            self.policy.on_router(RouterEvent(layer, probs))
+            self._timed(self.policy.on_router, RouterEvent(layer, probs))
             self.policy.pos.layer = layer
 
     def _layer_inputs(self, hidden: torch.Tensor, cache, start: int):
@@ -417,6 +428,11 @@ class PipelineStage:
         return position_ids, masks, self.model.model.rotary_emb(hidden, position_ids)
 
     # --- figures --------------------------------------------------------------------------------
+    @property
+    def overhead_frac(self) -> float:
+        """The predictor's critical-path cost as a fraction of iteration time."""
+        return self.policy_s / self.iterations_s if self.iterations_s else 0.0
+
     def stats(self) -> dict:
         s: CacheStats = self.cache.snapshot_stats()
         wall = time.perf_counter() - self._started
@@ -438,9 +454,78 @@ class PipelineStage:
             "requests": len(self.requests),
         }
 
-    def reset_stats(self) -> None:
+    def reset(self) -> None:
+        """Empty the cache (resident experts stay for `resident`), clear statistics and traces."""
         with self._lock:
             self.cache.clear(keep_all=self.policy.all_resident)
-            self.busy_s = 0.0
+            self.runner.trace = []
+            self.iteration = -1
+            self.busy_s = self.policy_s = self.iterations_s = 0.0
             self.steps_done = 0
             self._started = time.perf_counter()
+
+
+# --- set-up helpers ---------------------------------------------------------------------------------
+def slots_for_budget(config: EngineConfig, host: HostExpertStore, top_k: int) -> tuple[int, int]:
+    """(expert slots, budget bytes) for the experts of ``host``: a fractional budget is a share of
+    them (a pipeline stage: of its own layers' experts), a byte budget is this device's memory."""
+    total = host.total_bytes
+    budget_bytes = total if policy_class(config.policy).all_resident else config.budget.resolve(total)
+    num_slots = min(len(host), budget_bytes // host.expert_bytes)
+    if num_slots < top_k:
+        need = top_k * host.expert_bytes
+        raise CacheBudgetError(
+            f"budget {config.budget} ({budget_bytes} bytes) holds {num_slots} experts; a layer can select "
+            f"{top_k} (top-k) at once, so the smallest budget is {need} bytes "
+            f"({need / total:.4f} of all {total} expert bytes)"
+        )
+    return num_slots, budget_bytes
+
+
+def resolve_link_mode(link, device: torch.device) -> str:
+    """The link a device uses: ``auto`` is a real CUDA copy stream on a GPU, the emulated link elsewhere."""
+    if link.mode == "auto":
+        return "cuda" if device.type == "cuda" else "emulated"
+    return link.mode
+
+
+def link_bandwidth(link, expert_bytes: int, layer_time_s: float | None) -> float:
+    """The emulated link's bytes/s: given, or one expert copy = ``copy_layer_ratio`` layer times."""
+    if link.bandwidth_bytes_per_s is not None:
+        return link.bandwidth_bytes_per_s
+    return expert_bytes / (link.copy_layer_ratio * layer_time_s)
+
+
+def drop_fused_experts(adapter, moe_layers) -> None:
+    """The fused expert tensors become empty placeholders: experts live in the host store."""
+    for layer in moe_layers:
+        for name in adapter.expert_params:
+            setattr(layer.experts, name, nn.Parameter(torch.empty(0), requires_grad=False))
+
+
+def calibration_ids(tokenizer, hf_config) -> list[int]:
+    if tokenizer is not None:
+        return tokenizer("The expert cache calibrates its link.").input_ids
+    return [(7 * i + 3) % hf_config.vocab_size for i in range(8)]
+
+
+@torch.no_grad()
+def measure_layer_time(model: nn.Module, ids: list[int], device: torch.device) -> float:
+    """One decoder layer's decode time on this device: the plain model (all experts, eager loop),
+    median decode step / number of decoder layers. Call it before the experts are dropped."""
+    model.set_experts_implementation("eager")
+    model.to(device)
+    ids_t = torch.tensor([ids], device=device)
+
+    def run(new_tokens: int) -> float:
+        t0 = time.perf_counter()
+        model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    run(4)  # warm-up
+    estimates = sorted((run(13) - run(1)) / 12 for _ in range(3))  # decode steps only
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    return max(estimates[1], 1e-6) / model.config.num_hidden_layers

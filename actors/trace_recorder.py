@@ -3,8 +3,9 @@
 A ``RequestTrace`` holds, per iteration: the semantic embedding, every MoE layer's router
 distribution over the iteration's tokens, the cross-layer gate's distribution for the next layer
 (next router applied to this layer's router input), and the experts each layer selected. It is
-recorded with the real engine (`resident`, instant link): lossless execution means every policy
-routes exactly the same way, so replaying this trace gives each policy the inputs it would see.
+recorded with the real engine (`resident`, instant link) by a listener on its shard runtime's
+events: lossless execution means every policy routes exactly the same way, so replaying this
+trace gives each policy the inputs it would see. ``expertmap record`` and the bench use it.
 
 The semantic embedding is, by default (``embedding="token"``), the model's token-embedding output
 pooled over the iteration's tokens. With ``embedding="minilm"`` it is the all-MiniLM-L6-v2
@@ -15,14 +16,12 @@ each decode step (token ids decoded with the model's tokenizer), embedded in one
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from expertmap.actors.config import EngineConfig, LinkConfig
@@ -54,29 +53,6 @@ class RequestTrace:
     iterations: list[IterationTrace]
 
 
-def load_workload(path: Path) -> list[dict]:
-    records = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            prompt = rec["turns"][0]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-            raise ValueError(f"{path}:{n}: not a workload record with turns[0] ({exc})") from None
-        records.append({"id": str(rec.get("id", n)), "category": rec.get("category", ""), "prompt": prompt})
-    if not records:
-        raise ValueError(f"workload {path} holds no records")
-    return records
-
-
-def split(records: list[dict], warm_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic disjoint warm/eval split (FineMoE used 7:3)."""
-    order = np.random.default_rng(seed).permutation(len(records))
-    cut = int(round(warm_fraction * len(records)))
-    return [records[i] for i in order[:cut]], [records[i] for i in order[cut:]]
-
-
 class TraceRecorder:
     """Runs prompts on a `resident` engine and keeps each iteration's routing.
 
@@ -102,22 +78,20 @@ class TraceRecorder:
         )
         self.max_prompt_tokens = max_prompt_tokens
         self._current: list[IterationTrace] = []
-        rec = self.engine.recorder
-        forward_router, forward_embedding = rec.on_router, rec.on_embedding
-        rec.keep = False
+        self.engine.subscribe(self)
 
-        def on_embedding(embedding: torch.Tensor) -> None:
-            self._current.append(IterationTrace(embedding.float().mean(dim=0).cpu().numpy()))
-            forward_embedding(embedding)
+    # --- shard runtime events (one request at a time) ----------------------------------------------
+    def on_iteration_start(self, iteration: int, steps) -> None:
+        self._current.append(IterationTrace(steps[0].embedding[0].float().cpu().numpy()))
 
-        def on_router(event: RouterEvent) -> None:
-            it = self._current[-1]
-            it.probs.append(event.probs.float().cpu().numpy())
-            gate = event.next_gate()
-            it.next_gate.append(None if gate is None else gate.float().cpu().numpy())
-            forward_router(event)
+    def on_router(self, request: int, event: RouterEvent) -> None:
+        it = self._current[-1]
+        it.probs.append(event.probs.float().cpu().numpy())
+        gate = event.next_gate()
+        it.next_gate.append(None if gate is None else gate.float().cpu().numpy())
 
-        rec.on_router, rec.on_embedding = on_router, on_embedding
+    def on_layer(self, request: int, layer: int, experts: list[int]) -> None:
+        self._current[-1].selected.append(list(experts))
 
     def record(self, rec: dict, max_new_tokens: int, do_sample: bool, seed: int) -> RequestTrace:
         tok = self.engine.tokenizer
@@ -125,8 +99,6 @@ class TraceRecorder:
         self._current = []
         self.engine.reset()
         g = self.engine.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed)
-        for it, selected in zip(self._current, self.engine.trace):
-            it.selected = selected
         if self.embedder is not None:
             self._embed_texts(ids, g.token_ids)
         return RequestTrace(rec["id"], rec["category"], rec["prompt"], g.text, self._current)
