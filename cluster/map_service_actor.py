@@ -25,7 +25,6 @@ SERVICE_NAME = "expertmap-map-service"
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)
 class MapServiceActor:
     def __init__(self, shape: dict, redis_url: str | None, namespace: str, capacity: int, max_pending: int):
-        logging.basicConfig(level=logging.INFO)
         if redis_url:
             from expertmap.predictor.map_store_redis import RedisMapStore
 

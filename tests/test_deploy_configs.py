@@ -35,7 +35,7 @@ K8S = REPO / "k8s"
 CLUSTER_CONFIGS = ["six-gpu-aws.yaml", "six-gpu-onprem.yaml"]
 SERVE_CONFIGS = ["serve.yaml", "serve-six-gpu.yaml"]
 BUILDER = "expertmap.cluster.serve_app:build_app"
-# The builder's arguments (cluster.serve_app's args model).
+# The builder's arguments (cluster.serve_args's args model).
 BUILDER_ARGS = {
     "model",
     "gpus",
@@ -254,10 +254,10 @@ def _check_builder_args(args: dict, http: dict) -> None:
     else:
         pytest.fail(f"no preset in configs/models/ for model {args['model']!r}")
     # once the lead's builder exists, its own args model must accept these args
-    if (REPO / "cluster" / "serve_app.py").exists():
+    if (REPO / "cluster" / "serve_args.py").exists():
         from pydantic import BaseModel
 
-        module = importlib.import_module("expertmap.cluster.serve_app")
+        module = importlib.import_module("expertmap.cluster.serve_args")
         models = [
             m
             for m in vars(module).values()

@@ -29,11 +29,11 @@ bodies = st.dictionaries(fields, json_values, max_size=8)
 @seed(20261128)
 @given(raw=st.one_of(st.binary(max_size=200), bodies.map(lambda d: json.dumps(d).encode())))
 def test_request_bodies_parse_or_get_a_4xx(body_cls, raw):
-    from expertmap.cluster import serve_app
+    from expertmap.cluster import openai_schemas
 
     try:
-        serve_app.parse_body(getattr(serve_app, body_cls), raw)
-    except serve_app.APIError as exc:
+        openai_schemas.parse_body(getattr(openai_schemas, body_cls), raw)
+    except openai_schemas.APIError as exc:
         assert 400 <= exc.status < 500 and exc.message
         assert exc.response().status_code == exc.status
 
@@ -60,7 +60,7 @@ def test_budgets_parse_or_say_why(value):
 @seed(20261128)
 @given(tokens=st.lists(st.integers(0, 8191), max_size=30), stops=st.lists(st.text(min_size=1, max_size=4), max_size=3))
 def test_streamed_text_is_a_prefix_of_the_decoded_text_and_holds_no_stop(bundled_model, tokens, stops):
-    from expertmap.cluster.serve_app import TextTracker
+    from expertmap.cluster.streaming import TextTracker
 
     pieces = []
     tracker = TextTracker(bundled_model.tokenizer, stops, pieces.append)

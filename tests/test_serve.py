@@ -333,7 +333,8 @@ def test_nothing_listens_beyond_loopback(server, client):
 
 
 def test_builder_args(monkeypatch):
-    from expertmap.cluster.serve_app import AppArgs, build_app
+    from expertmap.cluster.serve_app import build_app
+    from expertmap.cluster.serve_args import AppArgs
 
     assert AppArgs.model_validate({"gpus": 6}).gpus == 6  # configs/serve-six-gpu.yaml
     assert build_app({"gpus": 2}) is not None  # validated here; the stages start in the replica
