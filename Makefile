@@ -14,6 +14,9 @@ redis:              ## Debian's redis-server: the tests start their own on a fre
 test:
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
+# The training corpus and the card's prompt workload are not part of the project: name them,
+# e.g. make train-model CORPUS=/data/corpus WORKLOAD=/data/workloads/dev_mix.jsonl
 train-model:        ## re-train the bundled model (about 45 minutes on 2 CPU cores) and rewrite its card
-	$(PY) models/train.py --minutes 45 --out models/expertmap-moe-tiny
-	$(PY) models/card.py --model models/expertmap-moe-tiny
+	@[ -n "$(CORPUS)" ] && [ -n "$(WORKLOAD)" ] || { echo "make train-model: set CORPUS=DIR (.txt training files) and WORKLOAD=FILE (JSONL prompts)" >&2; exit 2; }
+	$(PY) models/train.py --corpus "$(CORPUS)" --minutes 45 --out models/expertmap-moe-tiny
+	$(PY) models/card.py --workload "$(WORKLOAD)" --model models/expertmap-moe-tiny

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-BUNDLED_MODEL = Path(str(files("expertmap.models") / "expertmap-moe-tiny"))  # package data
+from expertmap.actors import defaults
+from expertmap.actors.defaults import BUNDLED_MODEL  # package data; re-exported here
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -89,7 +89,7 @@ class LinkConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
     mode: Literal["auto", "cuda", "emulated", "instant"] = "auto"
-    profile: str = "rtx3090-pcie4-mixtral"
+    profile: str = defaults.LINK
     copy_layer_ratio: float | None = Field(default=None, gt=0)
     bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
 
@@ -101,8 +101,8 @@ class EngineConfig(BaseModel):
     model: Path = BUNDLED_MODEL
     device: str = "cpu"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    policy: str = "on-demand"
-    budget: Budget = Budget(fraction=0.25)
+    policy: str = defaults.POLICY
+    budget: Budget = Budget.parse(defaults.BUDGET)
     link: LinkConfig = LinkConfig()
     prefetch: bool = True  # False: the policy's eviction rule alone (ablation)
     pin_host_memory: bool = True  # only applies on CUDA

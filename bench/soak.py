@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
+from expertmap.actors import defaults
+
 MODEL = "expertmap-moe-tiny"
 
 
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
 
     ray.init(num_gpus=args.gpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app({"gpus": args.gpus, "policy": "hybrid", "max_queue": 32, "link": "rtx3090-pcie4-mixtral"}),
+    serve.run(build_app({"gpus": args.gpus, "policy": defaults.SERVE_POLICY, "max_queue": 32, "link": defaults.LINK}),
               name="soak", route_prefix="/")  # fmt: skip
     url = f"http://127.0.0.1:{args.port}"
     service = ray.get_actor(SERVICE_NAME)

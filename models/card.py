@@ -1,10 +1,11 @@
 """Measure the bundled model and write its model card (README.md, PNG figures, card.json).
 
-    python models/card.py --model models/expertmap-moe-tiny [--per-category 60]
+    python models/card.py --workload FILE [--model models/expertmap-moe-tiny] [--per-category 60]
 
 Figures: the loss curve (from training_log.json), held-out loss against a unigram baseline,
-per-layer expert-usage entropy, per-category expert-usage histograms over the prompt workloads
-(../shared/data/workloads/dev_mix.jsonl), and how far apart the categories' usage is
+per-layer expert-usage entropy, per-category expert-usage histograms over a prompt workload
+(``--workload``, required: a JSONL file of {id, category, turns}; the card was made with the
+`dev_mix` workload), and how far apart the categories' usage is
 (Jensen-Shannon divergence) next to the same architecture at random initialisation and next to
 the noise floor (two disjoint halves of the same category).
 """
@@ -156,7 +157,8 @@ CARD = """# expertmap-moe-tiny
 
 The small Mixture-of-Experts language model that ships with ExpertMap, so that everything runs
 offline on a CPU. It is a real `MixtralForCausalLM` (transformers' own class), trained here from
-scratch on `../shared/data/corpus/` with a byte-level BPE tokenizer trained on the same text.
+scratch on a 14.6 MB corpus of public prose, code and math (docs/bundled-model.md in the ExpertMap
+repository lists its sources), with a byte-level BPE tokenizer trained on the same text.
 
 | | |
 | --- | --- |
@@ -187,7 +189,7 @@ like a real MoE, not to answer questions.
 ## Routing
 
 Measured over the first prompt of up to {per_cat} prompts per category of
-`../shared/data/workloads/dev_mix.jsonl` (prefill, up to {max_tokens} tokens each, top-{top_k}
+`{workload}` (prefill, up to {max_tokens} tokens each, top-{top_k}
 selections counted).
 
 Per-layer expert-usage entropy (max {max_entropy:.0f} bits = perfectly even) and the largest
@@ -218,12 +220,15 @@ with different vocabularies differ too). {verdict}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=Path(__file__).resolve().parent / "expertmap-moe-tiny")
-    ap.add_argument(
-        "--workload", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/workloads/dev_mix.jsonl"
-    )
-    ap.add_argument("--per-category", type=int, default=60)
+    ap.add_argument("--model", type=Path, default=Path(__file__).resolve().parent / "expertmap-moe-tiny",
+                    help="the model folder to measure and write the card into (default: the bundled model)")
+    ap.add_argument("--workload", type=Path, default=None,
+                    help="JSONL prompt workload of {id, category, turns} (required; not part of the project)")
+    ap.add_argument("--per-category", type=int, default=60, help="prompts per category (default 60)")
     args = ap.parse_args()
+    if args.workload is None or not args.workload.is_file():
+        what = "--workload FILE is required" if args.workload is None else f"--workload {str(args.workload)!r} is not a file"
+        raise SystemExit(f"card.py: error: {what} (a JSONL prompt workload, e.g. dev_mix.jsonl; the project does not ship it)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -271,7 +276,7 @@ def main() -> None:
         jsd_half_r=random["jsd_within_category_halves_mean_bits"],
         ratio_floor=trained["jsd_between_categories_mean_bits"] / trained["jsd_within_category_halves_mean_bits"],
         ratio_floor_r=random["jsd_between_categories_mean_bits"] / random["jsd_within_category_halves_mean_bits"],
-        verdict=verdict(trained),
+        verdict=verdict(trained), workload=args.workload.name,
     )  # fmt: skip
     (args.model / "README.md").write_text(card)
     logger.info("wrote %s", args.model / "README.md")

@@ -1,8 +1,12 @@
-"""Train the bundled MoE model (tokenizer + Mixtral-architecture checkpoint) on the shared corpus.
+"""Train the bundled MoE model (tokenizer + Mixtral-architecture checkpoint) on a text corpus.
 
 Runs on a 2-core CPU in under an hour:
 
-    python models/train.py --corpus ../shared/data/corpus --out models/expertmap-moe-tiny
+    python models/train.py --corpus DIR --out models/expertmap-moe-tiny
+
+``--corpus`` (required) is a folder of UTF-8 .txt files; the bundled model was trained on a
+14.6 MB corpus of public prose, code and math that is not part of the project
+(docs/bundled-model.md lists its sources).
 
 What it does, in order:
 1. Splits every corpus file into train (first 98%) and held-out validation (last 2%) text.
@@ -158,8 +162,9 @@ def evaluate(model, val: dict[str, np.ndarray], seq: int, max_windows: int) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/corpus")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "expertmap-moe-tiny")
+    ap.add_argument("--corpus", type=Path, default=None, help="folder of UTF-8 .txt training files (required)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "expertmap-moe-tiny",
+                    help="folder to write the tokenizer, checkpoint and training log into")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--expert-hidden", type=int, default=256)
@@ -176,6 +181,9 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.corpus is None or not args.corpus.is_dir():
+        what = "--corpus DIR is required" if args.corpus is None else f"--corpus {str(args.corpus)!r} is not a folder"
+        raise SystemExit(f"train.py: error: {what} (the training corpus: a folder of .txt files; the project does not ship it)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     torch.manual_seed(args.seed)

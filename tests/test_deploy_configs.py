@@ -7,7 +7,7 @@
 - configs/serve*.yaml and the RayService's serveConfigV2: ``ray.serve.schema.ServeDeploySchema``,
   plus the unknown-key check that schema leaves out (it accepts extra keys for forward
   compatibility) and a check of the builder's args.
-- k8s/rayservice.yaml: the RayService CRD's openAPIV3Schema (../shared/schemas/kuberay/), with
+- k8s/rayservice.yaml: the RayService CRD's openAPIV3Schema (tests/data/kuberay/, with its license), with
   unknown fields rejected as `kubectl apply --validate=strict` does, and the list-map keys
   (`x-kubernetes-list-map-keys`) unique. The CRD's three CEL rules (`x-kubernetes-validations`)
   are not evaluated: the test asserts the manifest leaves those fields unset.
@@ -27,8 +27,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-RAYSERVICE_CRD = SHARED / "schemas" / "kuberay" / "ray.io_rayservices.yaml"
+RAYSERVICE_CRD = REPO / "tests" / "data" / "kuberay" / "ray.io_rayservices.yaml"  # KubeRay's, unchanged
 
 CONFIGS = REPO / "configs"
 K8S = REPO / "k8s"
@@ -345,7 +344,7 @@ def test_broken_builder_args_fail(key, value, match):
 def rayservice_schema() -> dict:
     if not RAYSERVICE_CRD.exists():
         pytest.fail(
-            f"the KubeRay CRDs are missing: expected {RAYSERVICE_CRD} (../shared/schemas/kuberay/ next to the repository)"
+            f"the KubeRay RayService CRD is missing: expected {RAYSERVICE_CRD} (it is part of the repository)"
         )
     crd = load(RAYSERVICE_CRD)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1" and v.get("served")]

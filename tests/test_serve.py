@@ -1,6 +1,6 @@
 """The OpenAI-compatible Serve app over real HTTP on loopback: routes, streaming, errors, queueing, auth.
 
-Ray and Serve start once for the module (local-only, DESIGN.md section 9) with two applications
+Ray and Serve start once for the module (local-only, docs/cluster-and-deployment.md) with two applications
 on one loopback port: ``/`` (no keys, room in the queue) and ``/strict`` (API keys, max_queue 1).
 """
 

@@ -1,0 +1,27 @@
+"""Every default that more than one entry point shares, defined once.
+
+The command line (``expertmap generate``/``record``/``serve``), the Serve application's arguments,
+the engine's typed configuration and the benchmarks all read these names instead of spelling the
+values themselves, so changing a default is a one-line change here.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+#: The bundled model, shipped as package data of ``expertmap.models`` (see docs/bundled-model.md).
+BUNDLED_MODEL = Path(str(files("expertmap.models") / "expertmap-moe-tiny"))
+#: Link profile: the FineMoE paper's testbed, Mixtral-8x7B on an RTX 3090 over PCIe 4.0
+#: (expertmap.actors.link_profiles; docs/link-and-host-models.md).
+LINK = "rtx3090-pcie4-mixtral"
+#: Device memory for cached experts: a quarter of all routed-expert bytes.
+BUDGET = "0.25"
+#: Cache policy of one in-process generation (``expertmap generate``): no map store is needed.
+POLICY = "on-demand"
+#: Cache policy of the Serve application: it fills its own map store as it serves.
+SERVE_POLICY = "hybrid"
+#: Layers ahead that a prefetch is issued (FineMoE's d for Mixtral-8x7B).
+PREFETCH_DISTANCE = 3
+#: New tokens of one generation when the caller does not say.
+MAX_NEW_TOKENS = 32
