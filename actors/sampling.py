@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from expertmap.actors import defaults
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 32
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0

@@ -30,6 +30,7 @@ from pathlib import Path
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from expertmap.actors import defaults
 from expertmap.actors.cache_stats import CacheStats
 from expertmap.actors.config import EngineConfig
 from expertmap.actors.sampling import SamplingParams
@@ -52,7 +53,7 @@ class PipelineConfig(BaseModel):
     store_namespace: str = "expertmap"
     map_service_name: str = "expertmap-map-service"  # pipelines naming the same service share it
     store_capacity: int = Field(default=1000, ge=1, le=4096)
-    prefetch_distance: int = Field(default=3, ge=1)
+    prefetch_distance: int = Field(default=defaults.PREFETCH_DISTANCE, ge=1)
     sync_interval_s: float = Field(default=1.0, gt=0)  # how often a stage's replica asks for a new version
     torch_threads: int | None = 1  # intra-op threads per stage on a CPU device (None: torch's default)
     ready_timeout_s: float = Field(default=900.0, gt=0)

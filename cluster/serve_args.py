@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from expertmap.actors import defaults
 from expertmap.actors.config import Budget
 
 #: Relative model paths resolve against this folder: the repository root in a checkout, the
@@ -25,11 +26,11 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = "models/expertmap-moe-tiny"  # relative paths resolve against REPO_ROOT
+    model: str = str(defaults.BUNDLED_MODEL)  # relative paths resolve against REPO_ROOT
     gpus: int = Field(default=1, ge=1)  # pipeline stages, one per GPU
-    budget: str | float = 0.25
-    policy: str = "hybrid"
-    prefetch_distance: int = Field(default=3, ge=1)
+    budget: str | float = defaults.BUDGET
+    policy: str = defaults.SERVE_POLICY
+    prefetch_distance: int = Field(default=defaults.PREFETCH_DISTANCE, ge=1)
     redis_url: str | None = None  # None: the embedded in-process expert-map store
     store_capacity: int = Field(default=1000, ge=1, le=4096)  # expert maps the store keeps (FineMoE: 1,000)
     max_queue: int = Field(default=64, ge=1)  # requests admitted at once (generating or waiting); beyond: 429
@@ -40,7 +41,7 @@ class AppArgs(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     # not in the bundled configs; defaults are the embedded ones
-    link: str = "rtx3090-pcie4-mixtral"  # a link profile (expertmap.actors.link_profiles), "instant" or "cuda"
+    link: str = defaults.LINK  # a link profile (expertmap.actors.link_profiles), "instant" or "cuda"
     device: str = "auto"  # auto: cuda when the replica sees one, else cpu
     allow_unauthenticated: bool = False  # serve beyond loopback without API keys (explicit opt-in)
 

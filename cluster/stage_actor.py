@@ -14,6 +14,7 @@ import os
 
 import ray
 
+from expertmap.actors import defaults
 from expertmap.actors.config import EngineConfig
 from expertmap.actors.shard import MicroBatch, ShardRuntime, StageSpec
 from expertmap.predictor.policies import PolicyInputs
@@ -54,7 +55,8 @@ class _StageMetrics:
 @ray.remote(num_cpus=0, num_gpus=1, max_restarts=-1, max_task_retries=0, concurrency_groups={"control": 2})
 class StageActor:
     def __init__(self, config: EngineConfig, spec: StageSpec, layer_time_s: float | None, store_handle=None,
-                 prefetch_distance: int = 3, sync_interval_s: float = 1.0, torch_threads: int | None = None):  # fmt: skip
+                 prefetch_distance: int = defaults.PREFETCH_DISTANCE, sync_interval_s: float = 1.0,
+                 torch_threads: int | None = None):  # fmt: skip
         import torch
 
         if torch_threads:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from expertmap.actors import defaults
+
 Key = tuple[int, int]  # (MoE layer index, expert index)
 
 
@@ -45,7 +47,7 @@ class RouterEvent:
         return self._next_value
 
 
-DEFAULT_PREFETCH_DISTANCE = 3  # layers ahead; FineMoE's paper uses 3 for Mixtral (docs/policies.md)
+DEFAULT_PREFETCH_DISTANCE = defaults.PREFETCH_DISTANCE  # layers ahead (docs/policies.md)
 
 
 @dataclass(frozen=True)
