@@ -124,3 +124,10 @@ def test_loopback_grpc_rebind_is_explicit_and_idempotent():
     assert found["first"] and found["second"] and found["changed"] and found["same_after_second"]
     assert found["bound"] == ["127.0.0.1:0", "10.1.2.3:5000"], found["bound"]
     assert found["ports"] == [1234, 1234]
+
+
+def test_the_serve_app_does_not_import_the_cli():
+    """No import circle: the CLI imports the app's arguments, never the other way round."""
+    found = _run("import json, sys\nimport expertmap.cluster.serve_app\n"
+                 "print(json.dumps({'cli': 'expertmap.cluster.cli' in sys.modules}))")  # fmt: skip
+    assert not found["cli"]
