@@ -88,7 +88,7 @@ class ReplayCache:
         self.policy.on_insert(key, prefetched=is_prefetch)
 
     def _make_room(self, key: Key, prefetch: Prefetch | None) -> bool:
-        if len(self.resident) + (self.in_flight is not None) < self.slots:
+        if len(self.resident) + (self.in_flight is not None) + (self.paused is not None) < self.slots:  # a paused prefetch keeps its slot
             return prefetch is None or self.policy.admit(prefetch, None)
         candidates = [k for k in self.resident if k not in self.pins]
         if not candidates:
@@ -209,8 +209,11 @@ def replay(
     num_slots: int,
     ratio: float,
     resident_keys: list[Key] | None = None,
+    make_cache=None,
 ) -> SimResult:
-    cache = ReplayCache(policy, num_slots, ratio)
+    """``make_cache``: builds the cache (default ``ReplayCache``); e.g. bench/attribution.py's
+    ``AttributedCache``, which records where each access's hit or miss came from."""
+    cache = (make_cache or ReplayCache)(policy, num_slots, ratio)
     if policy.all_resident and resident_keys:
         cache.preload(resident_keys)
     t = 0.0
