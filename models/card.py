@@ -168,8 +168,9 @@ repository lists its sources), with a byte-level BPE tokenizer trained on the sa
 | training | {steps} steps x {batch} x {seq} tokens = {seen:.1f} M tokens ({epochs:.1f} passes over {avail:.1f} M), {minutes:.0f} min on 2 CPU cores |
 | load balancing | per-layer Switch-style balance loss (coefficient {bal}), averaged over layers, + router z-loss |
 
-Reproduce: `python models/train.py --minutes 45 --out models/expertmap-moe-tiny` then
-`python models/card.py --model models/expertmap-moe-tiny` (this card and its figures).
+Reproduce: `python models/train.py --corpus CORPUS --minutes 45 --out models/expertmap-moe-tiny`
+then `python models/card.py --workload dev_mix.jsonl --model models/expertmap-moe-tiny` (this card
+and its figures), or `make train-model CORPUS=... WORKLOAD=...`.
 
 ## Loss
 

@@ -208,7 +208,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = 200
 
-    log = {"args": {k: str(v) for k, v in vars(args).items()}, "steps": []}
+    # folders by name only: the log ships with the model and names no machine's paths
+    log = {"args": {k: v.name if isinstance(v, Path) else str(v) for k, v in vars(args).items()}, "steps": []}
     budget_s = args.minutes * 60
     start = time.time()
     step = 0
