@@ -62,3 +62,32 @@ def test_the_check_sees_every_form_of_import():
     assert [m for _, m in bench_imports(src)] == [
         "expertmap.bench.run", "expertmap.bench.cli", "expertmap.bench", "expertmap.bench.scaling",
     ]  # fmt: skip
+
+
+# --- the repository stands alone ------------------------------------------------------------------
+
+OUTSIDE = ("../shared", "DESIGN.md")  # folders beside the repository, and the design notes kept there
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".json", ".jsonl", ".txt", ".cfg", ""}
+
+
+def _project_text_files() -> list[Path]:
+    import subprocess
+
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True)
+    if out.returncode != 0:  # not a git checkout (an sdist): every file under the product and docs
+        return [p for p in REPO.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and ".git" not in p.parts]
+    files = [REPO / f for f in out.stdout.decode().split("\0") if f]
+    return [p for p in files if p.is_file() and p.suffix in TEXT_SUFFIXES and p.stat().st_size < 8 << 20]
+
+
+def test_nothing_refers_outside_the_repository():
+    files = _project_text_files()
+    assert any(p.name == "README.md" for p in files)
+    hits = {}
+    for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        found = [needle for needle in OUTSIDE if needle in text]
+        if found:
+            hits[str(p.relative_to(REPO))] = found
+    hits.pop("tests/test_layering.py", None)  # this test names what it looks for
+    assert not hits, f"files that refer outside the repository: {hits}"
