@@ -40,6 +40,7 @@ from expertmap.actors.config import EngineConfig
 from expertmap.actors.expert_cache import CacheBudgetError, ExpertCache
 from expertmap.actors.host_store import HostExpertStore
 from expertmap.actors.model_folder import ModelFolderError, load_plain_model, load_tokenizer, open_model_folder
+from expertmap.actors.shard_loader import build_skeleton, load_shard_tensors
 from expertmap.actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner
 from expertmap.actors.sampling import SamplingParams, TokenSampler
 from expertmap.actors.slot_pool import SlotPool
@@ -135,7 +136,7 @@ class ShardRuntime:
         self.device = torch.device(config.device)
         folder = Path(config.model)
         self.hf_config, self.adapter = open_model_folder(folder)
-        model = load_plain_model(folder, config.dtype, EXPERTS_IMPLEMENTATION)
+        model = build_skeleton(folder, self.hf_config, config.dtype)  # on meta: no weights yet
         self.tokenizer = load_tokenizer(folder)
         decoder_layers = self.adapter.decoder_layers(model)
         spec = spec or StageSpec(0, 1, 0, len(decoder_layers))
@@ -158,16 +159,19 @@ class ShardRuntime:
         if needs_time and config.link.copy_layer_ratio is None:  # say so before the measurement, not after
             raise ValueError("emulated link needs copy_layer_ratio or bandwidth_bytes_per_s")
         if needs_time and layer_time_s is None:
-            self.layer_time_s = measure_layer_time(model, calibration_ids(self.tokenizer, self.hf_config), self.device)
+            self.layer_time_s = measure_folder_layer_time(folder, config.dtype, self.device)
 
         self.model = model
         self._keep_shard(decoder_layers)
+        reader = CheckpointReader(folder)
+        self.bytes_read = load_shard_tensors(model, reader, self.hf_config)  # this shard's tensors only
         self.layers = [decoder_layers[i] for i in range(spec.start, spec.end)]
         self.model.to(self.device)
         dtype = next(self.model.parameters()).dtype
 
         pin = self.device.type == "cuda" and config.pin_host_memory
-        self.host = HostExpertStore(self.adapter, CheckpointReader(folder), self.moe, self.num_experts, dtype, pin, progress)
+        self.host = HostExpertStore(self.adapter, reader, self.moe, self.num_experts, dtype, pin, progress)
+        self.bytes_read += self.host.total_bytes
         self.num_slots, self.budget_bytes = slots_for_budget(config, self.host, self.top_k)
         inputs = inputs or PolicyInputs()
         self.replica = inputs.replica
@@ -507,6 +511,16 @@ def calibration_ids(tokenizer, hf_config) -> list[int]:
     if tokenizer is not None:
         return tokenizer("The expert cache calibrates its link.").input_ids
     return [(7 * i + 3) % hf_config.vocab_size for i in range(8)]
+
+
+def measure_folder_layer_time(folder: Path, dtype: str, device: torch.device) -> float:
+    """``measure_layer_time`` on the folder's plain model, loaded for the measurement and dropped
+    after it (the emulated link's calibration; a pipeline does it once, in a task of its own)."""
+    model = load_plain_model(folder, dtype, EXPERTS_IMPLEMENTATION)
+    try:
+        return measure_layer_time(model, calibration_ids(load_tokenizer(folder), model.config), device)
+    finally:
+        del model
 
 
 @torch.no_grad()
