@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from expertmap.actors.defaults import BUNDLED_MODEL
+
 logger = logging.getLogger("expertmap.card")
 
 MAX_PROMPT_TOKENS = 256
@@ -221,7 +223,7 @@ with different vocabularies differ too). {verdict}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=Path(__file__).resolve().parent / "expertmap-moe-tiny",
+    ap.add_argument("--model", type=Path, default=BUNDLED_MODEL,
                     help="the model folder to measure and write the card into (default: the bundled model)")
     ap.add_argument("--workload", type=Path, default=None,
                     help="JSONL prompt workload of {id, category, turns} (required; not part of the project)")

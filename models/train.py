@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from expertmap.actors.defaults import BUNDLED_MODEL
+
 logger = logging.getLogger("expertmap.train")
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -163,7 +165,7 @@ def evaluate(model, val: dict[str, np.ndarray], seq: int, max_windows: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=None, help="folder of UTF-8 .txt training files (required)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "expertmap-moe-tiny",
+    ap.add_argument("--out", type=Path, default=BUNDLED_MODEL,
                     help="folder to write the tokenizer, checkpoint and training log into")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=128)
