@@ -13,6 +13,7 @@ class CacheStats:
     - hits: accesses whose expert was fully resident when the layer needed it.
     - misses: the rest (an expert still in flight counts as a miss; its wait is stall time).
     - prefetched: copies made by prefetching; prefetch_used: of those, accessed before eviction.
+    - host_computed: misses computed on the host instead of waiting for a copy (``--miss host|auto``).
     - precision = prefetch_used / prefetched; recall = prefetch_used / (prefetch_used + misses),
       i.e. of the accesses that needed a copy, the share a prefetch had already made.
     """
@@ -25,6 +26,7 @@ class CacheStats:
     copies: int = 0
     prefetched: int = 0
     prefetch_used: int = 0
+    host_computed: int = 0
 
     def count_access(self, hit: bool, unused_prefetch: bool) -> None:
         """One access; ``unused_prefetch``: the expert was prefetched and not accessed since."""

@@ -94,6 +94,28 @@ class LinkConfig(BaseModel):
     bandwidth_bytes_per_s: float | None = Field(default=None, gt=0)
 
 
+#: What a miss does: ``copy`` (wait for the link), ``host`` (compute on the host), ``auto`` (cost model).
+MISS_MODES = ("copy", "host", "auto")
+MissMode = Literal["copy", "host", "auto"]
+
+
+class HostConfig(BaseModel):
+    """How an expert computed on the host (a miss that does not wait for the link) is timed.
+
+    ``decode_ratio``: one expert's host compute for one decode token, in decode-layer times;
+    ``crossover_tokens``: from this many tokens on the host is compute-bound (time grows with the
+    tokens); ``stages_per_node``: pipeline stages sharing this host's memory bandwidth (None: every
+    stage of the pipeline). Unset ratios are derived from ``profile`` when the engine starts
+    (``expertmap.actors.host_profiles.host_config`` is the one parser of host names).
+    """
+
+    model_config = ConfigDict(frozen=True)
+    profile: str = defaults.HOST
+    decode_ratio: float | None = Field(default=None, gt=0)
+    crossover_tokens: float | None = Field(default=None, gt=0)
+    stages_per_node: int | None = Field(default=None, ge=1)
+
+
 class EngineConfig(BaseModel):
     """Everything one offloading engine (one device, one shard of layers) needs."""
 
@@ -105,6 +127,8 @@ class EngineConfig(BaseModel):
     budget: Budget = Budget.parse(defaults.BUDGET)
     link: LinkConfig = LinkConfig()
     prefetch: bool = True  # False: the policy's eviction rule alone (ablation)
+    miss: MissMode = defaults.MISS  # copy: today's behaviour; host / auto: actors/host_compute.py
+    host: HostConfig = HostConfig()
     pin_host_memory: bool = True  # only applies on CUDA
     seed: int = 0
 

@@ -23,5 +23,11 @@ POLICY = "on-demand"
 SERVE_POLICY = "hybrid"
 #: Layers ahead that a prefetch is issued (FineMoE's d for Mixtral-8x7B).
 PREFETCH_DISTANCE = 3
+#: What a miss does (``--miss``): wait for the copy over the link (``copy``), compute the expert on
+#: the host from host memory (``host``), or whichever the cost model says finishes first (``auto``).
+MISS = "copy"
+#: Host profile for misses computed on the host (expertmap.actors.host_profiles): a desktop with
+#: dual-channel DDR5.
+HOST = "desktop-ddr5"
 #: New tokens of one generation when the caller does not say.
 MAX_NEW_TOKENS = 32

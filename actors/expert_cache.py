@@ -17,6 +17,13 @@ Rules of the link (one worker thread, one copy at a time, non-preemptive):
 
 Experts in use by the computing layer are pinned: never chosen as victims. Everything else is
 the policy's choice (``Policy.choose_victim``).
+
+With a host path (``--miss host|auto``: ``self.host``, set by ``actors.host_compute.attach_host_compute``)
+each miss may instead be computed on the host (``HostCompute.choose``: the cost model, against
+this link's queue); such a miss queues no copy, so prefetching goes on. When the link has nothing
+from the plan to copy, the experts computed on the host most recently (newest first) are copied in
+the background if the policy admits them (``Policy.admit_host_copy``), preemptible at chunk
+boundaries as prefetches are. In ``copy`` mode none of this runs.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -68,6 +75,10 @@ class ExpertCache:
         self._pins: dict[Key, int] = {}
         self._unused_prefetch: set[Key] = set()  # prefetched, not yet accessed
         self._late_prefetch: set[Key] = set()  # accessed while its prefetch was still on the link
+        self.host = None  # actors.host_compute.HostCompute: misses that may be computed on the host
+        self._host_recent: OrderedDict[Key, None] = OrderedDict()  # computed on the host, not yet copied
+        self._background: set[Key] = set()  # host-computed experts being copied in the background
+        self._on_link: tuple[Key, bool, float, float] | None = None  # (key, prefetch, started, seconds)
         self._wake = False
         self._stop = False
         self._error: BaseException | None = None
@@ -76,6 +87,9 @@ class ExpertCache:
         self._owned: frozenset[int] | None = None if owned is None else frozenset(owned)
         self._worker = threading.Thread(target=self._run, name=f"{name}-link", daemon=True)
         self._worker.start()
+        self._static = list(policy.static_keys())  # held for the whole run (host-static)
+        if self._static:
+            self.preload(self._static)
 
     # --- queries ------------------------------------------------------------------------------
     @property
@@ -91,14 +105,20 @@ class ExpertCache:
             return set(self._slot_of)
 
     # --- compute-thread API -------------------------------------------------------------------
-    def acquire(self, layer: int, experts: list[int]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def acquire(
+        self, layer: int, experts: list[int], tokens: dict[int, int] | None = None
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor] | None]]:
         """Yield (expert, device weights) for every selected expert of ``layer``.
 
-        Resident experts come first (computed while the misses load), then each miss as its copy
-        lands. The caller must call ``release`` for each expert once its kernels are issued.
+        With a host path, the misses it computes on the host come first, as (expert, None): the
+        caller starts them on the host at once. Then the resident experts (computed while the
+        misses load), then each copied miss as its copy lands. ``tokens``: each expert's number of
+        tokens (the host's cost; default 1). The caller must call ``release`` for each expert once
+        its kernels are issued.
         """
         misses: list[Key] = []
         ready: list[Key] = []
+        hosted: list[Key] = []
         with self._cv:
             self._check_worker()
             if len(experts) and self.pool.num_slots < 1:
@@ -112,6 +132,8 @@ class ExpertCache:
                 self._pins[key] = self._pins.get(key, 0) + 1
                 if hit:
                     ready.append(key)
+                elif self.host is not None and self._to_host(key, (tokens or {}).get(e, 1)):
+                    hosted.append(key)
                 else:
                     misses.append(key)
                     if key not in self._loading:
@@ -119,9 +141,11 @@ class ExpertCache:
                         self._demand.append(key)
                     elif self._loading[key]:
                         self._late_prefetch.add(key)
-            if misses:
+            if misses or hosted:
                 self._wake = True
                 self._cv.notify_all()
+        for key in hosted:
+            yield key[1], None
         for key in ready:
             yield key[1], self.pool.view(self._slot_of[key])
         for key in misses:
@@ -134,6 +158,37 @@ class ExpertCache:
                     self.stats.stall_s += time.perf_counter() - t0
                 slot = self._slot_of[key]
             yield key[1], self.pool.view(slot)
+
+    def _to_host(self, key: Key, tokens: int) -> bool:
+        """Under the lock: compute this miss on the host? (the cost model against this link's queue)"""
+        left = None
+        wait = 0.0
+        on = self._on_link
+        if on is not None:
+            okey, is_prefetch, started, seconds = on
+            remaining = max(0.0, started + seconds - time.perf_counter())
+            if okey == key:
+                left = remaining
+            else:  # a prefetch pauses at its next chunk boundary for the misses
+                wait = min(remaining, seconds / self.transfer.chunks) if is_prefetch else remaining
+        if left is None and key in self._loading:  # queued, or a prefetch paused for misses: a full copy
+            left = wait + (len(self._demand) + 1) * self.transfer.estimate_s(self.expert_bytes)
+        if left is None:
+            wait += len(self._demand) * self.transfer.estimate_s(self.expert_bytes)
+        if not self.host.choose(tokens, wait, left):
+            return False
+        self.stats.host_computed += 1
+        if key not in self._loading:
+            self._host_recent.pop(key, None)
+            self._host_recent[key] = None
+            while len(self._host_recent) > max(1, self.policy.ctx.num_layers):
+                self._host_recent.popitem(last=False)
+        return True
+
+    def count_host_wait(self, seconds: float) -> None:
+        """The compute thread waited this long for results computed on the host (stall time)."""
+        with self._cv:
+            self.stats.stall_s += seconds
 
     def release(self, key: Key) -> None:
         with self._cv:
@@ -178,10 +233,15 @@ class ExpertCache:
             self._pins.clear()
             self._unused_prefetch.clear()
             self._late_prefetch.clear()
+            self._host_recent.clear()
             self.stats = CacheStats()
             self.policy.reset()
             for key in self._slot_of:
                 self.policy.on_insert(key, prefetched=False)
+        if self._static and not keep_all:
+            self.preload(self._static)
+        if self.host is not None:
+            self.host.reset()
 
     def snapshot_stats(self) -> CacheStats:
         with self._cv:
@@ -192,6 +252,8 @@ class ExpertCache:
             self._stop = True
             self._cv.notify_all()
         self._worker.join(timeout=5)
+        if self.host is not None:
+            self.host.close()
 
     # --- worker -------------------------------------------------------------------------------
     def _check_worker(self) -> None:
@@ -211,7 +273,7 @@ class ExpertCache:
             self._demand.popleft()
             return key, slot, False
         if not self.policy.ctx.prefetch:
-            return None
+            return self._next_host_copy()
         plan = sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority)
         for want in plan:
             if self.contains(want.key) or (self._owned is not None and want.key[0] not in self._owned):
@@ -221,11 +283,28 @@ class ExpertCache:
                 self._loading[want.key] = True
                 return want.key, slot, True
             break  # the best wanted expert cannot come in now; do not let worse ones jump it
+        return self._next_host_copy()
+
+    def _next_host_copy(self) -> tuple[Key, int, bool] | None:
+        """Under the lock: a background copy of an expert computed on the host (newest first), if
+        the policy admits it; None when there is none (always in copy mode)."""
+        while self._host_recent:
+            key, _ = self._host_recent.popitem(last=True)
+            if self.contains(key) or (self._owned is not None and key[0] not in self._owned):
+                continue
+            slot = self._take_slot(key, None, host_copy=True)
+            if slot is None:
+                continue  # not admitted (or every slot pinned): the policy keeps what it has
+            self._loading[key] = True
+            self._background.add(key)
+            return key, slot, True
         return None
 
-    def _take_slot(self, key: Key, prefetch: Prefetch | None) -> int | None:
+    def _take_slot(self, key: Key, prefetch: Prefetch | None, host_copy: bool = False) -> int | None:
         if self._free:
             if prefetch is not None and not self.policy.admit(prefetch, None):
+                return None
+            if host_copy and not self.policy.admit_host_copy(key, None):
                 return None
             return self._free.pop()
         candidates = self._victims()
@@ -233,6 +312,8 @@ class ExpertCache:
             return None
         victim = self.policy.choose_victim(candidates, key)
         if prefetch is not None and not self.policy.admit(prefetch, victim):
+            return None
+        if host_copy and not self.policy.admit_host_copy(key, victim):
             return None
         slot = self._slot_of.pop(victim)
         self._unused_prefetch.discard(victim)
@@ -247,14 +328,20 @@ class ExpertCache:
             host, nbytes = self.host_weights(key), self.expert_bytes
         else:  # lossy mode: the link carries the quantised bytes
             host, nbytes = self.host_weights(key, precision), self.precision_bytes[precision]
+        if self.host is not None:
+            before, self._on_link = self._on_link, (key, is_prefetch, time.perf_counter(), self.transfer.estimate_s(nbytes))
         self.transfer.copy(slot, host, nbytes, between_chunks=pause)
+        if self.host is not None:
+            self._on_link = before
         with self._cv:
             self._loading.pop(key, None)
             self._slot_of[key] = slot
             late = key in self._late_prefetch  # right prediction, too late to be a hit
             self._late_prefetch.discard(key)
-            self.stats.count_copy(nbytes, is_prefetch, late)
-            if is_prefetch and not late:
+            background = key in self._background  # a host-computed expert, copied in the background
+            self._background.discard(key)
+            self.stats.count_copy(nbytes, is_prefetch and not background, late)
+            if is_prefetch and not late and not background:
                 self._unused_prefetch.add(key)
             self.policy.on_insert(key, prefetched=is_prefetch)
             self._cv.notify_all()

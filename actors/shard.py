@@ -38,6 +38,7 @@ from expertmap.actors.cache_stats import CacheStats
 from expertmap.actors.checkpoint import CheckpointReader
 from expertmap.actors.config import EngineConfig
 from expertmap.actors.expert_cache import CacheBudgetError, ExpertCache
+from expertmap.actors.host_compute import attach_host_compute
 from expertmap.actors.host_store import HostExpertStore
 from expertmap.actors.model_folder import ModelFolderError, load_plain_model, load_tokenizer, open_model_folder
 from expertmap.actors.shard_loader import build_skeleton, load_shard_tensors
@@ -194,6 +195,7 @@ class ShardRuntime:
         self.iterations_s = 0.0
         self.runner = ExpertRunner(self.adapter, self.cache, self._on_layer_start)
         self.runner.num_layers = self.num_moe_layers
+        self.host_compute = attach_host_compute(self)  # --miss host|auto (None: copy); actors/host_compute.py
         for m in self.moe:
             m.experts._expertmap_layer = m.index
             m.experts._expertmap_runner = self.runner

@@ -28,6 +28,7 @@ class TransferEngine(ABC):
     def __init__(self, pool: SlotPool):
         self.pool = pool
         self.busy_s = 0.0  # time the link was occupied
+        self._bytes_copied = 0
 
     #: a copy is made in this many chunks; between chunks ``between_chunks`` runs (pause on miss)
     chunks = 8
@@ -39,12 +40,21 @@ class TransferEngine(ABC):
     def slot_released(self, slot: int) -> None:
         """Called on the compute thread after the last kernel that reads ``slot`` was issued."""
 
+    def estimate_s(self, nbytes: int) -> float:
+        """Seconds one copy of ``nbytes`` holds an idle link (the miss cost model's copy time):
+        the copies made so far, bytes / busy time; 0 before the first."""
+        return nbytes * self.busy_s / self._bytes_copied if self._bytes_copied else 0.0
+
+    def _count(self, nbytes: int) -> None:
+        self._bytes_copied += nbytes
+
 
 class InstantLink(TransferEngine):
     def copy(self, slot, host, nbytes, between_chunks=None):
         t0 = time.perf_counter()
         self.pool.write(slot, host)
         self.busy_s += time.perf_counter() - t0
+        self._count(nbytes)
 
 
 class EmulatedLink(TransferEngine):
@@ -53,6 +63,9 @@ class EmulatedLink(TransferEngine):
         if bandwidth_bytes_per_s <= 0:
             raise ValueError(f"link bandwidth {bandwidth_bytes_per_s!r} B/s must be positive")
         self.bandwidth = bandwidth_bytes_per_s
+
+    def estimate_s(self, nbytes: int) -> float:
+        return nbytes / self.bandwidth
 
     def copy(self, slot, host, nbytes, between_chunks=None):
         t0 = time.perf_counter()
@@ -67,6 +80,7 @@ class EmulatedLink(TransferEngine):
                 between_chunks()
                 t0 += time.perf_counter() - paused  # paused time is not this copy's
         self.busy_s += time.perf_counter() - t0
+        self._count(nbytes)
 
 
 class CudaTransfer(TransferEngine):
@@ -78,6 +92,10 @@ class CudaTransfer(TransferEngine):
         self.stream = torch.cuda.Stream(device=device)
         # event recorded on the compute stream when a slot's last reader was issued
         self._slot_free: dict[int, torch.cuda.Event] = {}
+        self._guess_bytes_per_s = 25e9  # PCIe 4.0 x16 in practice, until copies have been measured
+
+    def estimate_s(self, nbytes):
+        return super().estimate_s(nbytes) if self._bytes_copied else nbytes / self._guess_bytes_per_s
 
     def slot_released(self, slot):
         ev = torch.cuda.Event()
@@ -101,8 +119,11 @@ class CudaTransfer(TransferEngine):
                 done.record(self.stream)
             done.synchronize()  # on the transfer worker thread only
             if between_chunks is not None and i + 1 < self.chunks:
+                paused = time.perf_counter()
                 between_chunks()
+                t0 += time.perf_counter() - paused  # paused time is not this copy's
         self.busy_s += time.perf_counter() - t0
+        self._count(nbytes)
 
 
 def make_transfer(mode: str, pool: SlotPool, device: torch.device, bandwidth: float | None) -> TransferEngine:

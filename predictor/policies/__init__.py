@@ -5,6 +5,8 @@ from __future__ import annotations
 from expertmap.predictor.policies.base import Key, Policy, PolicyContext, PolicyInputs, Position, Prefetch
 from expertmap.predictor.policies.fate import Fate, FateLossy
 from expertmap.predictor.policies.finemoe import FineMoE
+from expertmap.predictor.policies.host_all import HostAll
+from expertmap.predictor.policies.host_static import HostStatic
 from expertmap.predictor.policies.hybrid import Hybrid
 from expertmap.predictor.policies.lfu import LFU
 from expertmap.predictor.policies.mixtral_offloading import MixtralOffloading
@@ -15,7 +17,7 @@ from expertmap.predictor.policies.resident import Resident
 
 POLICIES: dict[str, type[Policy]] = {
     p.name: p for p in (Resident, OnDemandLRU, LFU, Oracle, FineMoE, Fate, FateLossy, MoEInfinity, MixtralOffloading,
-              Hybrid)
+              Hybrid, HostAll, HostStatic)
 }
 POLICIES["lru"] = OnDemandLRU
 

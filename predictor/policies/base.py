@@ -61,6 +61,7 @@ class PolicyInputs:
     eams: np.ndarray | None = None
     synchronous: bool = False
     tuning: Any = None
+    usage: np.ndarray | None = None
 
     def context(self, num_layers: int, num_experts: int, top_k: int, num_slots: int, prefetch: bool = True,
                 layers: tuple[int, ...] | None = None, **overrides) -> PolicyContext:  # fmt: skip
@@ -95,6 +96,8 @@ class PolicyContext:
     synchronous: bool = False
     #: the policy's own tuning: an instance of its ``Tuning`` dataclass; None: its defaults
     tuning: Any = None
+    #: warm-up usage counts [L, J]: how often each expert was selected in the warm-up traces (host-static)
+    usage: np.ndarray | None = None
 
     @property
     def owned_layers(self) -> tuple[int, ...]:
@@ -134,6 +137,9 @@ class Policy:
     needs_store = False
     needs_trace = False
     needs_eams = False
+    needs_usage = False
+    #: every miss is computed on the host, whatever the miss mode (host-all, host-static)
+    host_misses = False
     #: its settings; ``ctx.tuning`` must be an instance (or None for the defaults)
     Tuning: type = NoTuning
 
@@ -206,3 +212,13 @@ class Policy:
     def admit(self, prefetch: Prefetch, victim: Key | None) -> bool:
         """May ``prefetch`` evict ``victim`` (None: a free slot)? Default: only into free slots."""
         return victim is None
+
+    def admit_host_copy(self, key: Key, victim: Key | None) -> bool:
+        """An expert a miss just computed on the host (``--miss host|auto``): copy it in the
+        background, when the link has nothing planned, over ``victim`` (the policy's own
+        ``choose_victim``; None: a free slot)? Default: yes, as a copy-mode miss would be."""
+        return True
+
+    def static_keys(self) -> list[Key]:
+        """Experts the cache holds for the whole run, loaded before it (default: none)."""
+        return []
