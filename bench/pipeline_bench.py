@@ -147,12 +147,13 @@ def run_policies(cfg: PipelineBenchConfig) -> dict:
     docs/benchmarks.md describes it, plus each policy's per-stage figures."""
     import ray
 
-    from expertmap.cluster.pipeline import MAP_POLICIES, Pipeline, PipelineConfig
+    from expertmap.cluster.pipeline import Pipeline, PipelineConfig
+    from expertmap.predictor.policies import policy_class
 
-    skipped = [p for p in cfg.policies if p == "oracle"]
-    policies = [p for p in cfg.policies if p != "oracle"]
+    skipped = [p for p in cfg.policies if policy_class(p).needs_trace]
+    policies = [p for p in cfg.policies if p not in skipped]
     if skipped:
-        logger.warning("oracle is replay-only (it needs the run's future trace): left out of --gpus runs")
+        logger.warning("%s: replay-only (needs the run's future trace), left out of --gpus runs", ", ".join(skipped))
     link = link_config(cfg.link)
     records = load_workload(cfg.workload)
     warm, evals = (load_workload(cfg.warm), records) if cfg.warm else split(records, 0.7, cfg.seed)
@@ -162,7 +163,7 @@ def run_policies(cfg: PipelineBenchConfig) -> dict:
     tokenizer = recorder.engine.tokenizer
     prompts = prompt_ids(tokenizer, evals)
     entries = []
-    if any(p in MAP_POLICIES for p in policies):
+    if any(policy_class(p).needs_store for p in policies):
         traces = recorder.record_all(warm, cfg.max_new_tokens, do_sample=not cfg.greedy, seed=cfg.seed, desc="warm-up traces")
         entries = warm_entries(traces)
     recorder.close()
