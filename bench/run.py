@@ -25,13 +25,15 @@ import numpy as np
 from tqdm import tqdm
 
 from expertmap.actors import defaults
-from expertmap.actors.config import Budget, EngineConfig, LinkConfig
+from expertmap.actors.config import Budget, EngineConfig, HostConfig, LinkConfig
+from expertmap.actors.host_compute import check_miss_mode
+from expertmap.actors.host_profiles import host_config
 from expertmap.actors.engine import OffloadEngine
 from expertmap.actors.link_profiles import link_config
 from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
 from expertmap.actors.trace_recorder import RequestTrace, TraceRecorder
 from expertmap.cluster.workload import load_workload, split
-from expertmap.bench.simulator import access_trace, replay, summarize_units
+from expertmap.bench.simulator import access_trace, host_cache, replay, summarize_units
 from expertmap.predictor.map_store_memory import InMemoryMapStore
 from expertmap.predictor.policies import POLICIES, PolicyInputs, make_policy, policy_class
 from expertmap.predictor.replica import StoreReplica
@@ -65,6 +67,10 @@ class BenchConfig:
     # the semantic embedding the map store is searched with: the model's pooled token embeddings
     # (FineMoE's) or an all-MiniLM-L6-v2 sentence embedding of the text seen so far (384 dims)
     embedding: Literal["token", "minilm"] = "token"
+    # what a miss does (copy: wait for the link; host / auto: actors/host_compute.py); with host or
+    # auto every policy also runs in that mode beside copy, and the host-all / host-static baselines run
+    miss: str = defaults.MISS
+    host: str = defaults.HOST  # a host profile (expertmap.actors.host_profiles) or ratio:R
 
 
 def replay_ratio(link: LinkConfig) -> float:
@@ -121,6 +127,7 @@ class PolicyFactory:
             trace=trace if cls.needs_trace else None,
             eams=self.eams.copy() if cls.needs_eams else None,
             synchronous=synchronous,
+            usage=self.eams.sum(axis=0) if cls.needs_usage else None,  # warm-up selections per expert
         )
 
     def make(self, name, slots, prefetch, trace, distance=None):
@@ -138,10 +145,33 @@ def variants(policies) -> list[tuple[str, str, bool]]:
     return out
 
 
-def replay_row(factory, name, prefetch, traces, slots, ratio, layer_s, expert_bytes, all_keys, distance=None):
+def host_variants(rows, miss: str) -> list[tuple[str, str, bool, str]]:
+    """(row label, policy, prefetch on, miss mode): with ``--miss host|auto`` each row again in that
+    mode (``label [auto]``), and the host-all / host-static baselines if not asked for already."""
+    if check_miss_mode(miss) == "copy":
+        return []
+    out = [(f"{label} [{miss}]", name, prefetch, miss) for label, name, prefetch in rows
+           if name != "resident" and not policy_class(name).host_misses]  # fmt: skip
+    for name in ("host-all", "host-static"):
+        if not any(n == name for _, n, _ in rows):
+            out.append((name, name, True, "host"))
+    return out
+
+
+def replay_row(factory, name, prefetch, traces, slots, ratio, layer_s, expert_bytes, all_keys, distance=None,
+               miss: str = "copy", host: HostConfig | None = None):  # fmt: skip
+    """One replay. ``miss`` host/auto (always host for host-all / host-static) needs ``host``, a
+    HostConfig with its ratios (``host_config``)."""
     t0 = time.perf_counter()
     policy = factory.make(name, slots, prefetch, access_trace(traces), distance)
-    res = replay(policy, traces, slots, ratio, resident_keys=all_keys)
+    if policy.host_misses:
+        miss = "host"
+    make_cache = None
+    if miss != "copy":
+        if host is None or host.decode_ratio is None:
+            raise ValueError(f"policy {name!r} with miss mode {miss!r} needs a host profile with its ratios")
+        make_cache = host_cache(miss, host.decode_ratio, host.crossover_tokens)
+    res = replay(policy, traces, slots, ratio, resident_keys=all_keys, make_cache=make_cache)
     wall = time.perf_counter() - t0
     s = res.stats
     tpot = summarize_units(res.iteration_units)
@@ -162,21 +192,28 @@ def replay_row(factory, name, prefetch, traces, slots, ratio, layer_s, expert_by
         "prefetched": s.prefetched,
         "link_busy_frac": res.link_busy_units / total_units if total_units else 0.0,
         "replay_wall_s": wall,
+        "miss": miss,
+        "host_computed": s.host_computed,  # misses computed on the host
+        "host_busy_frac": res.host_busy_units / total_units if total_units else 0.0,
     }
 
 
-def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory, link: LinkConfig, out_lines: list):
-    """Real engine, real-time emulated link: texts, TTFT/TPOT, critical-path overhead."""
+def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory, link: LinkConfig, out_lines: list,
+                    miss_of: dict[str, str] | None = None, host: HostConfig | None = None):  # fmt: skip
+    """Real engine, real-time emulated link: texts, TTFT/TPOT, critical-path overhead.
+    ``miss_of``: row label -> miss mode (default copy); ``host``: the host profile for host/auto rows."""
     results = {}
     budget = Budget.parse(cfg.budget)
     for label, name, prefetch in tqdm(rows, desc="engine runs", unit="policy"):
         trace = None
         if name == "oracle":
             trace = [it.selected for req in prompts for it in req.iterations]
+        miss = (miss_of or {}).get(label, "copy")
         engine = OffloadEngine(
-            EngineConfig(model=cfg.model, device=cfg.device, policy=name, budget=budget, link=link, prefetch=prefetch),
+            EngineConfig(model=cfg.model, device=cfg.device, policy=name, budget=budget, link=link, prefetch=prefetch,
+                         miss=miss, host=host or HostConfig()),
             factory.inputs(name, trace, synchronous=False),
-        )
+        )  # fmt: skip
         ttfts, tpots, texts = [], [], []
         for req in prompts:
             g = engine.generate(
@@ -206,6 +243,9 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
             "accesses": s.accesses,
             "texts_equal_resident": None,
             "layer_time_s": engine.layer_time_s,
+            "miss": "host" if engine.policy.host_misses else miss,
+            "host_computed": s.host_computed,
+            "host_busy_frac": engine.runtime.host_compute.busy_frac() if engine.runtime.host_compute else 0.0,
         }
         results[label]["_texts"] = texts
     ref = results.get("resident", {}).get("_texts")
@@ -264,19 +304,30 @@ def run(cfg: BenchConfig) -> dict:
     slots_of = lambda b: min(total_experts, int(b * total_experts))  # noqa: E731
     main_budget = Budget.parse(cfg.budget).resolve(total_experts * expert_bytes) // expert_bytes
     rows = variants(cfg.policies)
+    host = host_config(cfg.host, cfg.link)
+    miss_rows = host_variants(rows, cfg.miss)
 
     results: dict = {"policies": {}, "budget_sweep": {}, "distance_sweep": {}}
     for label, name, prefetch in tqdm(rows, desc="replay", unit="policy"):
         slots = total_experts if name == "resident" else main_budget
         results["policies"][label] = replay_row(
-            factory, name, prefetch, eval_traces, slots, ratio, layer_s, expert_bytes, all_keys
+            factory, name, prefetch, eval_traces, slots, ratio, layer_s, expert_bytes, all_keys, host=host
         )
+    for label, name, prefetch, miss in tqdm(miss_rows, desc=f"replay, --miss {cfg.miss}", unit="policy"):
+        results["policies"][label] = replay_row(factory, name, prefetch, eval_traces, main_budget, ratio, layer_s,
+                                                expert_bytes, all_keys, miss=miss, host=host)  # fmt: skip
     for b in tqdm(cfg.budgets, desc="budget sweep", unit="budget"):
         results["budget_sweep"][str(b)] = {
             label: replay_row(factory, name, prefetch, eval_traces, slots_of(b), ratio, layer_s, expert_bytes, all_keys)
             for label, name, prefetch in rows
             if name != "resident" and prefetch
         }
+        results["budget_sweep"][str(b)].update({
+            label: replay_row(factory, name, prefetch, eval_traces, slots_of(b), ratio, layer_s, expert_bytes, all_keys,
+                              miss=miss, host=host)
+            for label, name, prefetch, miss in miss_rows
+            if prefetch
+        })  # fmt: skip
     for d in tqdm(cfg.distances, desc="distance sweep", unit="d"):
         results["distance_sweep"][str(d)] = {
             name: replay_row(factory, name, True, eval_traces, main_budget, ratio, layer_s, expert_bytes, all_keys, d)
@@ -288,7 +339,9 @@ def run(cfg: BenchConfig) -> dict:
     engine_rows = [r for r in rows if r[2]]
     results["engine"] = {}
     if cfg.engine_prompts > 0:
-        results["engine"] = run_engine_rows(cfg, engine_rows, eval_traces[: cfg.engine_prompts], factory, link, outputs)
+        engine_rows += [(label, name, prefetch) for label, name, prefetch, _ in miss_rows if prefetch]
+        results["engine"] = run_engine_rows(cfg, engine_rows, eval_traces[: cfg.engine_prompts], factory, link, outputs,
+                                            miss_of={r[0]: r[3] for r in miss_rows}, host=host)  # fmt: skip
     for label, row in results["engine"].items():
         if label in results["policies"]:
             results["policies"][label]["overhead_frac"] = row["overhead_frac"]
@@ -297,6 +350,8 @@ def run(cfg: BenchConfig) -> dict:
         "warm_prompts": len(warm), "eval_prompts": len(evals), "engine_prompts": min(cfg.engine_prompts, len(evals)),
         "budget": cfg.budget, "budget_slots": int(main_budget), "total_experts": total_experts,
         "link": cfg.link, "copy_layer_ratio": ratio, "layer_time_s": layer_s,
+        "miss": cfg.miss, "host": cfg.host, "host_decode_ratio": host.decode_ratio,
+        "host_crossover_tokens": host.crossover_tokens,
         "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy" if cfg.greedy else "seeded sampling",
         "seed": cfg.seed, "store_capacity": cfg.store_capacity, "store_entries": len(store),
         "prefetch_distance": cfg.prefetch_distance, "timing": "replay (virtual time, layer units x measured layer time)",

@@ -42,6 +42,7 @@ class SimResult:
     iteration_units: list[float] = field(default_factory=list)  # decode iterations only
     prefill_units: list[float] = field(default_factory=list)
     link_busy_units: float = 0.0
+    host_busy_units: float = 0.0  # HostReplayCache: time the host lane computed experts
 
 
 class ReplayCache:
@@ -170,6 +171,10 @@ class ReplayCache:
             self.in_flight = (key, self.link_free + remaining, True)
             self.link_free += remaining
 
+    def on_router(self, layer: int, probs: np.ndarray) -> None:
+        """The layer's router distribution [T, J], before its experts run (HostReplayCache counts
+        each expert's tokens from it)."""
+
     # --- one layer ----------------------------------------------------------------------------
     def run_layer(self, layer: int, experts: list[int], t: float, compute: float) -> float:
         """Access a layer's experts at time t; return when the layer has finished computing."""
@@ -229,6 +234,7 @@ def replay(
                 cache.advance(t)
                 policy.on_router(RouterEvent(layer, torch.from_numpy(probs), None if gate is None else torch.from_numpy(gate)))
                 policy.on_layer_start(layer, experts)
+                cache.on_router(layer, probs)
                 t = cache.run_layer(layer, experts, t, compute)
             policy.on_iteration_end(iteration)
             (cache.result.prefill_units if it.num_tokens > 1 else cache.result.iteration_units).append(t - t0)
@@ -246,3 +252,168 @@ def summarize_units(units: list[float]) -> dict[str, float]:
         return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
     a = np.asarray(units)
     return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+
+
+# --- a host path (--miss host|auto; actors/host_compute.py) -------------------------------------------
+class HostReplayCache(ReplayCache):
+    """The replay with misses that may be computed on the host, as ``actors.expert_cache`` does
+    with a host path, in the same virtual time:
+
+    - one expert on the host for t tokens holds the host lane (serial) for
+      ``decode_ratio x max(1, t / crossover)`` units (``actors.host_compute.host_units``);
+    - per miss, in the layer's order: ``auto`` computes it on the host when the host would be done
+      before its copy would land (the link's queue as ``load_now`` would find it), ``host``
+      always; policies with ``host_misses`` (host-all, host-static) always; a miss on the host
+      queues no copy and pauses no prefetch;
+    - the device computes its hits and copied misses; the layer ends when both are done;
+    - when the plan has nothing to start, the newest host-computed expert not resident is copied
+      in the background if ``Policy.admit_host_copy`` admits it (preemptible like a prefetch).
+    """
+
+    def __init__(self, policy: Policy, num_slots: int, ratio: float, mode: str = "auto",
+                 decode_ratio: float = 1.0, crossover_tokens: float = 32.0):  # fmt: skip
+        super().__init__(policy, num_slots, ratio)
+        if mode not in ("host", "auto"):
+            raise ValueError(f"host replay mode {mode!r}: use host or auto (copy is ReplayCache)")
+        self.mode = "host" if policy.host_misses else mode
+        self.decode_ratio = decode_ratio
+        self.crossover = crossover_tokens
+        self.host_free = 0.0
+        self.host_recent: dict[Key, None] = {}  # insertion-ordered: newest last
+        self.background: set[Key] = set()
+        self._tokens: dict[int, int] = {}
+        static = policy.static_keys()
+        if static:
+            self.preload(static)
+
+    def on_router(self, layer, probs):
+        if probs.shape[0] == 1:
+            self._tokens = {}
+            return
+        top = np.argsort(-probs, axis=1, kind="stable")[:, : self.policy.ctx.top_k]
+        self._tokens = dict(zip(*np.unique(top, return_counts=True)))
+
+    def host_units(self, tokens: int) -> float:
+        return self.decode_ratio * max(1.0, tokens / self.crossover)
+
+    def _copy_lands(self, key: Key, t: float) -> float:
+        """When a copy of ``key`` asked for at ``t`` would land (``load_now``'s rules, no change made)."""
+        if self.in_flight is not None:
+            fkey, lands, is_prefetch = self.in_flight
+            if fkey == key:
+                return lands
+            free = lands
+            if is_prefetch and self.ratio > 0:
+                chunk = self.ratio / CHUNKS
+                started = lands - self.ratio
+                free = min(lands, started + chunk * np.ceil(max(0.0, t - started) / chunk - 1e-9))
+            return max(t, free) + self.ratio
+        if self.paused is not None and self.paused[0] == key:
+            return max(t, self.link_free) + self.paused[1]
+        return max(t, self.link_free) + self.ratio
+
+    def _land(self):
+        key, lands, is_prefetch = self.in_flight
+        if key in self.background:  # a background copy of a host-computed expert: not a prediction
+            self.background.discard(key)
+            self.in_flight = (key, lands, False)
+        super()._land()
+
+    def advance(self, until: float) -> None:
+        """``ReplayCache.advance``, and a background copy of a host-computed expert when the plan
+        has nothing to start."""
+        started: set[Key] = set()
+        while True:
+            if self.in_flight is not None:
+                if self.in_flight[1] > until:
+                    return
+                self._land()
+            start = self.link_free
+            if start >= until:
+                self.link_free = max(self.link_free, until)
+                return
+            if self.policy.ctx.prefetch:
+                for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
+                    if self.contains(want.key) or (self.ratio == 0 and want.key in started):
+                        continue
+                    if self._make_room(want.key, want):
+                        self._start(want.key, start, True)
+                        started.add(want.key)
+                    break
+            while self.in_flight is None and self.host_recent:
+                key = next(reversed(self.host_recent))
+                del self.host_recent[key]
+                if self.contains(key) or key in started or not self._room_for_host_copy(key):
+                    continue
+                self.background.add(key)
+                self._start(key, start, True)
+                started.add(key)
+            if self.in_flight is None:  # nothing admissible now: idle until the next event
+                self.link_free = until
+                return
+
+    def _room_for_host_copy(self, key: Key) -> bool:
+        if len(self.resident) + (self.in_flight is not None) + (self.paused is not None) < self.slots:
+            return self.policy.admit_host_copy(key, None)
+        candidates = [k for k in self.resident if k not in self.pins]
+        if not candidates:
+            return False
+        victim = self.policy.choose_victim(candidates, key)
+        if not self.policy.admit_host_copy(key, victim):
+            return False
+        self.resident.discard(victim)
+        self.unused_prefetch.discard(victim)
+        self.policy.on_evict(victim)
+        return True
+
+    def run_layer(self, layer, experts, t, compute):
+        self.advance(t)
+        hits, misses = [], []
+        for e in experts:
+            key = (layer, e)
+            hit = key in self.resident
+            self.stats.count_access(hit, key in self.unused_prefetch)
+            self.unused_prefetch.discard(key)
+            self.policy.on_access(key, hit)
+            self.pins.add(key)
+            if hit:
+                hits.append(key)
+            else:
+                misses.append(key)
+        per_expert = compute / max(1, len(experts))
+        cursor = t + per_expert * len(hits)
+        host_end = t
+        for key in misses:
+            h = self.host_units(int(self._tokens.get(key[1], 1)))
+            host_done = max(t, self.host_free) + h
+            if self.mode == "host" or host_done < self._copy_lands(key, t):
+                self.host_free = host_done
+                host_end = host_done
+                self.result.host_busy_units += h
+                self.stats.host_computed += 1
+                if not self.contains(key):
+                    self.host_recent.pop(key, None)
+                    self.host_recent[key] = None
+                    while len(self.host_recent) > max(1, self.policy.ctx.num_layers):
+                        del self.host_recent[next(iter(self.host_recent))]
+                continue
+            if self.in_flight is not None and self.in_flight[0] == key and self.in_flight[2]:
+                self.late_prefetch.add(key)
+            if self.paused is not None and self.paused[0] == key:
+                self.resume()  # promoted: the paused prefetch is what this miss waits for
+            lands = self.load_now(key, t)
+            if lands > cursor:
+                self.stats.stall_s += lands - cursor  # in layer units here
+                cursor = lands
+            cursor += per_expert
+        self.resume()
+        self.pins.clear()
+        end = max(cursor, t + compute)
+        if host_end > end:
+            self.stats.stall_s += host_end - end
+        return max(end, host_end)
+
+
+def host_cache(mode: str, decode_ratio: float, crossover_tokens: float):
+    """``replay``'s ``make_cache`` for a host path (``mode`` host or auto)."""
+    return lambda policy, num_slots, ratio: HostReplayCache(policy, num_slots, ratio, mode, decode_ratio, crossover_tokens)
