@@ -53,6 +53,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     b.add_argument("--prefetch-distance", type=int, default=defaults.PREFETCH_DISTANCE,
                    help=f"layers ahead a prefetch is issued, d (default {defaults.PREFETCH_DISTANCE})")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    b.add_argument("--miss", default=defaults.MISS,
+                   help="what a miss does: copy (wait for the link), host (compute it on the host CPU) or auto (whichever "
+                   f"finishes first); host/auto also run every policy that way beside copy, and host-all/host-static; default {defaults.MISS}")
+    b.add_argument("--host", default=defaults.HOST,
+                   help=f"host profile (python -m expertmap.actors.host_profiles lists them) or ratio:R; default {defaults.HOST}")
     b.set_defaults(func=cmd_bench)
     return b
 
@@ -90,6 +95,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     _link(args.link, replay=args.gpus is None)
+    from expertmap.actors.host_compute import check_miss_mode
+    from expertmap.actors.host_profiles import host_config
+
+    try:
+        check_miss_mode(args.miss)
+        host_config(args.host, args.link)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.gpus is not None and args.miss != "copy":
+        raise UsageError(f"--miss {args.miss} is measured by the replay and the in-process engine: drop --gpus")
     engine_prompts = args.engine_prompts
     if engine_prompts is None:
         engine_prompts = 8 if args.embedding == "token" else 0
@@ -120,7 +135,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from expertmap.bench.run import BenchConfig, run
 
-    cfg = BenchConfig(engine_prompts=engine_prompts, embedding=args.embedding, **common)
+    cfg = BenchConfig(engine_prompts=engine_prompts, embedding=args.embedding, miss=args.miss, host=args.host, **common)
     run(cfg)
     print(f"wrote {cfg.out}/results.json, results.md, outputs.jsonl and plots")
     print((cfg.out / "results.md").read_text())

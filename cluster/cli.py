@@ -38,9 +38,19 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         budget = Budget.parse(args.budget)
         link = link_config(args.link)
         model = require_model_folder(args.model)
+        miss, host = _miss_and_host(args.miss, args.host, args.link)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return EngineConfig(model=model, device=args.device, policy=args.policy, budget=budget, link=link, prefetch=not args.no_prefetch)
+    return EngineConfig(model=model, device=args.device, policy=args.policy, budget=budget, link=link, prefetch=not args.no_prefetch,
+                        miss=miss, host=host)  # fmt: skip
+
+
+def _miss_and_host(miss: str, host: str, link: str):
+    """(miss mode, HostConfig) from --miss/--host; ValueError naming a bad value."""
+    from expertmap.actors.host_compute import check_miss_mode
+    from expertmap.actors.host_profiles import host_config
+
+    return check_miss_mode(miss), host_config(host, link)
 
 
 def _format_stats(stats, ttft: float, tpot: list[float]) -> str:
@@ -48,7 +58,7 @@ def _format_stats(stats, ttft: float, tpot: list[float]) -> str:
     rows = [
         ("accesses", f"{stats.accesses}"),
         ("hits", f"{stats.hits} ({stats.hit_rate:.1%})"),
-        ("misses", f"{stats.misses}"),
+        ("misses", f"{stats.misses}" + (f" ({stats.host_computed} computed on the host)" if stats.host_computed else "")),
         ("stall", f"{stats.stall_s:.3f} s"),
         ("moved", f"{stats.bytes_moved / 2**20:.1f} MiB in {stats.copies} copies"),
         ("prefetch", f"{stats.prefetched} copies, precision {stats.precision:.1%}, recall {stats.recall:.1%}"),
@@ -85,7 +95,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not Path(args.store).is_file():
             raise UsageError(f"map store file {args.store!r} does not exist (make one with `expertmap record`)")
         replica = StoreReplica(InMemoryMapStore.from_file(args.store))
-    inputs = PolicyInputs(trace=trace, replica=replica, publish=False)  # the store file is read, not changed
+    usage = None
+    if policy_class(config.policy).needs_usage:  # host-static: the experts most used in recorded maps stay on the device
+        if replica is None:
+            raise UsageError(f"--policy {config.policy} pins the experts most used in warm-up traces: "
+                             "give --store FILE (from `expertmap record`)")  # fmt: skip
+        usage = InMemoryMapStore.from_file(args.store).arrays()[1].sum(axis=0)  # [L, J] expected selections
+    inputs = PolicyInputs(trace=trace, replica=replica, publish=False, usage=usage)  # the store file is read, not changed
     engine = OffloadEngine(config, inputs, progress=args.progress)
     try:
         gen = engine.generate(args.prompt, **gen_kwargs)
@@ -173,7 +189,7 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, list[tuple[str, str, st
     import yaml
 
     overrides = {k: v for k, v in (("model", args.model), ("gpus", args.gpus), ("policy", args.policy),
-                                   ("budget", args.budget)) if v is not None}  # fmt: skip
+                                   ("budget", args.budget), ("miss", args.miss), ("host_profile", args.host)) if v is not None}  # fmt: skip
     if args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -302,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     policies = "resident, on-demand (lru), lfu, oracle, finemoe, fate, fate-lossy, moe-infinity, mixtral-offloading, hybrid"
     budget_help = f"fraction of all expert bytes (0.25, 25%%) or a size (2GiB); default {defaults.BUDGET}"
+    miss_help = ("what a miss does: copy (wait for the link), host (compute the expert on the host CPU), auto "
+                 f"(whichever the cost model says finishes first); default {defaults.MISS}")
+    host_help = ("host profile for misses computed on the host (python -m expertmap.actors.host_profiles lists them) or "
+                 f"ratio:R (one expert, one decode token = R decode-layer times); default {defaults.HOST}")
 
     g = sub.add_parser("generate", help="one generation in-process, printing the text and cache statistics")
     g.add_argument("--prompt", required=True, help="the prompt text (required)")
@@ -318,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed with --sample (default 0)")
     g.add_argument("--no-prefetch", action="store_true", help="the policy's eviction rule alone")
     g.add_argument("--store", default=None, help="expert-map store file for finemoe/hybrid (from `expertmap record`)")
+    g.add_argument("--miss", default=defaults.MISS, help=miss_help)
+    g.add_argument("--host", default=defaults.HOST, help=host_help)
     g.set_defaults(func=cmd_generate)
 
     r = sub.add_parser("record", help="run prompts and fill the expert-map store")
@@ -345,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
     s.add_argument("--policy", default=None, help=f"cache policy (default {defaults.SERVE_POLICY})")
     s.add_argument("--budget", default=None, help=budget_help)
+    s.add_argument("--miss", default=None, help=miss_help.replace(f"default {defaults.MISS}", "default: the config's, else " + defaults.MISS))
+    s.add_argument("--host", default=None, help=host_help.replace(f"default {defaults.HOST}", "default: the config's, else " + defaults.HOST))
     s.set_defaults(func=cmd_serve)
 
     _add_registered_commands(sub)  # e.g. `expertmap bench`, from the bench package's entry point

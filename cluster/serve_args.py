@@ -43,6 +43,8 @@ class AppArgs(BaseModel):
     # not in the bundled configs; defaults are the embedded ones
     link: str = defaults.LINK  # a link profile (expertmap.actors.link_profiles), "instant" or "cuda"
     device: str = "auto"  # auto: cuda when the replica sees one, else cpu
+    miss: str = defaults.MISS  # copy | host | auto: what a miss does (actors/host_compute.py)
+    host_profile: str = defaults.HOST  # host profile for misses computed on the host, or ratio:R
     allow_unauthenticated: bool = False  # serve beyond loopback without API keys (explicit opt-in)
 
     @field_validator("gpus", "prefetch_distance", "max_queue", "max_batch", "max_body_bytes", "max_tokens_limit", "store_capacity", "port",
@@ -66,6 +68,21 @@ class AppArgs(BaseModel):
 
         if v not in POLICIES:
             raise ValueError(f"unknown policy {v!r}; choose one of: {', '.join(sorted(POLICIES))}")
+        return v
+
+    @field_validator("miss")
+    @classmethod
+    def _miss(cls, v):
+        from expertmap.actors.host_compute import check_miss_mode
+
+        return check_miss_mode(v)
+
+    @field_validator("host_profile")
+    @classmethod
+    def _host_profile(cls, v):
+        from expertmap.actors.host_profiles import host_config
+
+        host_config(v)  # raises ValueError naming the bad value
         return v
 
     @field_validator("redis_url")
@@ -121,7 +138,10 @@ def engine_config(a: AppArgs):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return EngineConfig(model=a.model_path, device=device, policy=a.policy, budget=a.budget, link=link_config(a.link))
+    from expertmap.actors.host_profiles import host_config
+
+    return EngineConfig(model=a.model_path, device=device, policy=a.policy, budget=a.budget, link=link_config(a.link),
+                        miss=a.miss, host=host_config(a.host_profile, a.link))  # fmt: skip
 
 
 def make_pipeline(a: AppArgs):
