@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="expertmap", description="Serve MoE models with experts offloaded to host memory.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log progress and engine details")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    policies = "resident, on-demand (lru), lfu, oracle, finemoe, fate, fate-lossy, moe-infinity, mixtral-offloading, hybrid"
+    policies = "a name of the policy registry (docs/policies.md; an unknown name lists them)"
     budget_help = f"fraction of all expert bytes (0.25, 25%%) or a size (2GiB); default {defaults.BUDGET}"
     miss_help = ("what a miss does: copy (wait for the link), host (compute the expert on the host CPU), auto "
                  f"(whichever the cost model says finishes first); default {defaults.MISS}")
