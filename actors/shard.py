@@ -1,6 +1,8 @@
-"""One pipeline stage: a contiguous shard of decoder layers on one device, with that device's
-expert cache, transfer engine and prediction policy. A plain class (no Ray): ``cluster/`` runs
-one per GPU inside a Ray actor, tests chain them in-process.
+"""The shard runtime: a contiguous range of decoder layers on one device, with that device's
+expert cache, transfer engine, prediction policy and router observer. It is the one class that
+runs layers: the in-process engine (``actors/engine.py``) is it over all layers, a pipeline
+stage is it over its range inside a Ray actor (``cluster/stage_actor.py``); tests chain several
+in-process. A plain class (no Ray). Only the shard's own tensors are read (``shard_loader``).
 
 What travels between stages is a ``MicroBatch``: one ``Step`` per request (that request's
 iteration: its prompt at prefill, one token at decode). A step carries its activations, the
@@ -11,15 +13,22 @@ turns the activations into the next token (``TokenSampler``: generate()'s own ru
 publishes each finished iteration's expert map (its embedding and all L layers' distributions).
 
 Each request's KV cache lives on the stage that owns its layers, keyed by the request id, from
-its prefill until a micro-batch lists it in ``release``. A micro-batch runs layer by layer: at
-each layer, every request's own computation in turn (no padding, so every request's numbers are
-exactly those of running it alone), so an expert that one request loaded is resident for the
-others at the same layer, as in a batched forward pass. For the policy the micro-batch is one
-iteration of a batch: one semantic embedding per request, the earlier stages' router
-distributions per request, and a router event per request and layer.
+its prefill until a micro-batch lists it in ``release``. A micro-batch is one pass per layer:
+attention per request over its own KV cache (no padding), then the layer's MLP once over all
+the micro-batch's tokens, packed: the router runs once, each routed expert is applied once to
+every token routed to it, and the cache sees the micro-batch's union of experts, so one copy
+serves every request that needs it. A request alone computes exactly what the model's own layer
+computes; in a micro-batch, the packed matmuls may round differently (docs/architecture.md).
+For the policy the micro-batch is one iteration of a batch: one semantic embedding per request,
+the earlier stages' router distributions per request, a router event per layer over all tokens.
+
+Observers: ``subscribe(listener)`` adds an object whose optional methods ``on_iteration_start
+(iteration, steps)``, ``on_router(request_index, event)`` (that request's tokens),
+``on_layer(layer, experts)`` (the micro-batch's experts) and ``on_iteration_end(iteration,
+steps)`` see every iteration (the trace recorder, ``actors/trace_recorder.py``, is one).
 
 Lifecycle: ``ShardRuntime(config, spec)`` loads; ``warm_up``; ``forward`` (many times);
-``health``; ``stats``; ``close``.
+``health``; ``stats``; ``reset``; ``close``.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from expertmap.actors.host_store import HostExpertStore
 from expertmap.actors.model_folder import ModelFolderError, load_plain_model, load_tokenizer, open_model_folder
 from expertmap.actors.shard_loader import build_skeleton, load_shard_tensors
 from expertmap.actors.offloaded_experts import EXPERTS_IMPLEMENTATION, ExpertRunner
-from expertmap.actors.sampling import SamplingParams, TokenSampler
+from expertmap.actors.sampling import SamplingParams, TokenSampler, log_probs
 from expertmap.actors.slot_pool import SlotPool
 from expertmap.actors.transfer import EmulatedLink, make_transfer
 from expertmap.predictor.policies import PolicyInputs, make_policy, policy_class
@@ -106,6 +115,10 @@ class Step:
     trajectory: np.ndarray | None = None  # [l, J] pooled router distribution of MoE layers run so far
     token: int | None = None  # the last stage's choice
     cache: CacheStats = field(default_factory=CacheStats)  # cache counters during this step, summed over stages
+    # the last stage's log-probabilities (SamplingParams.logprobs / prompt_logprobs; None when not asked):
+    token_logprob: float | None = None  # of ``token`` under the model's raw distribution
+    top_logprobs: list[tuple[int, float]] | None = None  # the N most likely (token, logprob) at that position
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # prefill: prompt tokens 1.. each
 
 
 @dataclass
@@ -200,7 +213,7 @@ class ShardRuntime:
             m.experts._expertmap_layer = m.index
             m.experts._expertmap_runner = self.runner
         self._probs: list[list[torch.Tensor]] = []  # per request of the running micro-batch: [J] per own MoE layer
-        self._current = 0  # which request of the micro-batch is computing
+        self._lengths: list[int] = []  # tokens per request of the running micro-batch, in order
         self._listeners: list = []
         self._hooks = [m.router.register_forward_hook(self._router_hook(row)) for row, m in enumerate(self.moe)]
         self.attention_types = [self.adapter.attention_type(self.hf_config, i) for i in range(spec.start, spec.end)]
@@ -324,7 +337,7 @@ class ShardRuntime:
 
     def _on_layer_start(self, layer: int, experts: list[int]) -> None:
         self._timed(self.policy.on_layer_start, layer, experts)
-        self._emit("on_layer", self._current, layer, experts)
+        self._emit("on_layer", layer, experts)
 
     def _run(self, steps: list[Step]) -> None:
         """One iteration of every request in ``steps``, layer by layer."""
@@ -353,15 +366,19 @@ class ShardRuntime:
         self.cache.poke()
         inputs = [self._layer_inputs(h, st.cache, s.start) for h, st, s in zip(hidden, states, steps)]
         self._probs = [[] for _ in steps]
+        self._lengths = [len(s.token_ids) for s in steps]
+        before = self.cache.snapshot_stats()
         for layer, kind in zip(self.layers, self.attention_types):
-            for i, (step, state, (position_ids, masks, rotary)) in enumerate(zip(steps, states, inputs)):
-                self._current = i
-                before = self.cache.snapshot_stats()
-                hidden[i] = layer(
-                    hidden[i], attention_mask=masks[kind], position_ids=position_ids, cache=state.cache,
+            for i, (state, (position_ids, masks, rotary)) in enumerate(zip(states, inputs)):
+                hidden[i] = self.adapter.attention_half(
+                    layer, hidden[i], attention_mask=masks[kind], position_ids=position_ids, cache=state.cache,
                     use_cache=True, position_embeddings=rotary,
                 )  # fmt: skip
-                step.cache = step.cache.merge(self.cache.snapshot_stats().minus(before))
+            packed = self.adapter.mlp_half(layer, torch.cat(hidden, dim=1))  # [1, sum T, H]: one pass
+            hidden = list(packed.split(self._lengths, dim=1))
+        delta = self.cache.snapshot_stats().minus(before)  # the micro-batch's: its experts served all
+        for step in steps:
+            step.cache = step.cache.merge(delta)
         self._timed(self.policy.on_iteration_end, self.iteration)
         # what this stage does next is its first layer of the next iteration: say so to the policy
         # now, so that eviction, protection and admission of hinted prefetches look ahead from there
@@ -378,13 +395,33 @@ class ShardRuntime:
         self._emit("on_iteration_end", self.iteration, steps)
 
     def _finish(self, step: Step, state: _RequestState, hidden: torch.Tensor) -> None:
-        """Last stage: the next token, and the iteration's expert map to the store."""
+        """Last stage: the next token (with its log-probabilities when asked), and the
+        iteration's expert map to the store."""
         hidden = self.model.model.norm(hidden)
+        params = state.sampler.params
+        if params.prompt_logprobs is not None and step.start == 0:
+            step.prompt_logprobs = self._prompt_logprobs(hidden, step.token_ids, params.prompt_logprobs)
         logits = self.model.lm_head(hidden[:, -1:, :])[:, -1, :]  # [1, V]
         step.token = state.sampler.next_token(logits)
+        if params.logprobs is not None:
+            picked, tops = log_probs(logits, torch.tensor([step.token]), params.logprobs)
+            step.token_logprob, step.top_logprobs = picked[0], tops[0]
         step.hidden = None
         if self.publish and self.replica is not None and len(step.trajectory) == self.num_moe_layers:
             self.replica.publish_later(step.embedding[0].cpu().numpy(), step.trajectory)
+
+    def _prompt_logprobs(self, normed: torch.Tensor, ids: list[int], top: int, chunk: int = 256) -> list:
+        """(log-probability, top ``top``) of prompt tokens 1..T-1, each under the logits of the
+        position before it (the first token has none), in chunks of positions (the logits of a
+        whole long prompt at once would be T x vocabulary floats)."""
+        out = []
+        targets = torch.tensor(ids[1:])
+        for a in range(0, len(ids) - 1, chunk):
+            b = min(a + chunk, len(ids) - 1)
+            logits = self.model.lm_head(normed[:, a:b, :])[0]  # [b - a, V]
+            picked, tops = log_probs(logits, targets[a:b], top)
+            out.extend(zip(picked, tops))
+        return out
 
     def _router_hook(self, row: int):
         """The one router observer: after a router runs, keep the request's pooled distribution
@@ -394,15 +431,23 @@ class ShardRuntime:
         nxt = self.moe[row + 1].router if row + 1 < len(self.moe) else None
 
         def hook(module, args, output):
-            probs = self.adapter.router_probs(output).detach()  # [T, J]
-            self._probs[self._current].append(probs.float().mean(dim=0))
+            probs = self.adapter.router_probs(output).detach()  # [sum T, J]: the micro-batch's tokens
+            parts = probs.split(self._lengths)
+            for mine, part in zip(self._probs, parts):
+                mine.append(part.float().mean(dim=0))
             gate = None
             if nxt is not None:
                 router_input = args[0].detach()
                 gate = lambda: self.adapter.router_probs(nxt.forward(router_input)).detach()  # noqa: E731
             event = RouterEvent(layer, probs, gate)
             self._timed(self.policy.on_router, event)
-            self._emit("on_router", self._current, event)
+            if self._listeners:
+                start = 0
+                for i, part in enumerate(parts):
+                    rows = slice(start, start + len(part))
+                    start += len(part)
+                    part_gate = None if gate is None else (lambda rows=rows: event.next_gate()[rows])
+                    self._emit("on_router", i, RouterEvent(layer, part, part_gate))
 
         return hook
 

@@ -90,7 +90,7 @@ class TraceRecorder:
         gate = event.next_gate()
         it.next_gate.append(None if gate is None else gate.float().cpu().numpy())
 
-    def on_layer(self, request: int, layer: int, experts: list[int]) -> None:
+    def on_layer(self, layer: int, experts: list[int]) -> None:
         self._current[-1].selected.append(list(experts))
 
     def record(self, rec: dict, max_new_tokens: int, do_sample: bool, seed: int) -> RequestTrace:

@@ -83,6 +83,23 @@ class ArchitectureAdapter(ABC):
             layers.append(MoELayer(len(layers), decoder_index, self.router_of(block), block.experts))
         return layers
 
+    # --- the decoder layer's two halves ---------------------------------------------------------
+    # Every supported family's decoder layer is ``h + attn(norm1(h))`` then ``h + mlp(norm2(h))``;
+    # the shard runtime runs the first half per request (each over its own KV cache) and the second
+    # once over the micro-batch's tokens, so the router and each expert run once for all of them.
+    def attention_half(self, layer: nn.Module, hidden: torch.Tensor, **attention) -> torch.Tensor:
+        """``hidden + self_attn(input_layernorm(hidden))`` [1, T, H], as the layer's own forward."""
+        out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **attention)
+        return hidden + out
+
+    def mlp_half(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden + mlp(post_attention_layernorm(hidden))`` [1, T, H] (dense or MoE)."""
+        return hidden + self.mlp_output(layer.mlp(layer.post_attention_layernorm(hidden)))
+
+    def mlp_output(self, output: Any) -> torch.Tensor:
+        """The hidden states of the family's ``mlp`` output (GPT-OSS also returns router scores)."""
+        return output
+
     # --- routing ------------------------------------------------------------------------------
     def router_probs(self, router_output: Any) -> torch.Tensor:
         """[T, J] float32 distribution over routed experts from the router module's output."""

@@ -26,6 +26,9 @@ class GptOssAdapter(ArchitectureAdapter):
     def router_of(self, block):
         return block.router
 
+    def mlp_output(self, output):
+        return output[0]  # (hidden states, router scores)
+
     def read_expert(self, reader, decoder_index, expert):
         prefix = f"model.layers.{decoder_index}.mlp.experts"
         if f"{prefix}.gate_up_proj" not in reader and f"{prefix}.gate_up_proj_blocks" in reader:
