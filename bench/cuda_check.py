@@ -1,6 +1,6 @@
 """One short GPU check: tokens identical on CUDA, and copy/compute overlap shown by timings.
 
-    python -m bench.cuda_check [--model DIR]
+    python -m expertmap.bench.cuda_check [--model DIR]
 
 Prints: token equality per budget; the time of N expert copies alone on the copy stream, of N
 decode-sized compute steps alone, and of both at once (overlap when "both" < "copies" + "compute").

@@ -1,7 +1,7 @@
 """A bounded load run against a running `expertmap serve` on loopback.
 
     expertmap serve &                 # or any ExpertMap endpoint on 127.0.0.1
-    python -m bench.load_test --clients 32 --seconds 60 [--url http://127.0.0.1:8000]
+    python -m expertmap.bench.load_test --clients 32 --seconds 60 [--url http://127.0.0.1:8000]
 
 ``clients`` threads each send streaming chat completions back to back until ``seconds`` have
 passed (then finish the request in flight). Counts every response by status, and reports tokens/s,

@@ -1,5 +1,5 @@
 """Benchmarks of the Ray pipeline: ``expertmap bench --gpus N`` (policies on N stages) and the
-scaling run (``python -m bench.scaling``). Real stage actors, real time, the emulated link of a
+scaling run (``python -m expertmap.bench.scaling``). Real stage actors, real time, the emulated link of a
 link profile on every stage (each GPU has its own PCIe link), clients in a closed loop: each of
 ``concurrency`` clients sends its next prompt when its last one finished.
 """

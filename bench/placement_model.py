@@ -1,7 +1,7 @@
 """Layers per GPU (ExpertMap's pipeline) or experts per GPU (expert parallelism, what FineMoE's
 and MoE-Infinity's multi-GPU runs do): decode time and throughput on paper, from the link profiles.
 
-    python -m bench.placement_model            # writes bench/results/placement.md
+    python -m expertmap.bench.placement_model            # writes bench/results/placement.md
 
 Both placements hold the same expert bytes per GPU (the budget) and give each GPU its own PCIe
 link; what differs is who waits for whom, per decode iteration of L MoE layers (miss rate m,

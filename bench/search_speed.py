@@ -1,6 +1,6 @@
 """Search latency: brute-force NumPy against FAISS, at the store sizes that matter.
 
-    python -m bench.search_speed [--sizes 256,1000,4096] [--repeats 2000]
+    python -m expertmap.bench.search_speed [--sizes 256,1000,4096] [--repeats 2000]
 
 Semantic search (cosine over [N, D] embeddings) and one trajectory step (prefix cosine update
 over [N, J] + argmax) for the bundled model's shape (D = hidden size, L = 8, J = 16). Prints

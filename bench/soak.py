@@ -1,7 +1,7 @@
 """Soak: mixed traffic at a fixed rate for a bounded time against the Serve app on loopback,
 recording every actor's memory, the map store's size and latency percentiles over time.
 
-    python -m bench.soak --minutes 20 --out bench/results/soak
+    python -m expertmap.bench.soak --minutes 20 --out bench/results/soak
 
 Traffic: requests arrive at ``--rate`` per second (open loop, Poisson), each one of: streaming
 chat, non-streaming chat, completion, completion with a stop string, a client that leaves

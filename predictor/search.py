@@ -28,7 +28,7 @@ class SearchIndex:
     ``semantic_backend``: "numpy" (one matrix-vector product; the default, "auto") or "faiss" (an
     exact ``IndexFlatIP`` over unit vectors, same answer). At 4,096 entries x 128 dims both take
     tens of microseconds on this 2-core CPU, p99 well under 0.1 ms, FAISS no faster over repeated
-    runs (bench/results/search_speed.json, ``python -m bench.search_speed``): FAISS does not pay
+    runs (bench/results/search_speed.json, ``python -m expertmap.bench.search_speed``): FAISS does not pay
     at the store sizes FineMoE uses (C <= 4,096), so NumPy is the default and FAISS an option.
     """
 
