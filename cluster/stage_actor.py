@@ -1,4 +1,4 @@
-"""A pipeline stage (``actors.stage.ShardRuntime``) as a Ray actor pinned to one GPU bundle.
+"""A pipeline stage (``actors.shard.ShardRuntime``) as a Ray actor pinned to one GPU bundle.
 
 The actor holds the stage's layers, its expert cache, transfer engine and prefetch worker, and
 the KV caches of the requests in flight. It reports its figures through Ray's metrics API
