@@ -14,6 +14,13 @@ reloads its shard; the KV caches it held are gone, so the requests in flight the
 again from their prompt (those that have not produced a token: nobody saw anything yet) or end
 with ``StageFailedError`` naming the stage (those that have: a retry would change what the
 client already received). The pipeline keeps serving without a restart of the app.
+
+No silent stalls: a watchdog in the scheduler's loop reports a micro-batch still in flight past
+its deadline (derived from the layer and link times, ``stall_deadline``; or set
+``PipelineConfig.stall_deadline_s``): a log line with every stage's counters and the metric
+``expertmap_scheduler_stalled_microbatches_total``; its requests are then handled as after a
+stage failure (started again if they have no token yet, else failed with ``PipelineStallError``),
+and a late result of the stalled micro-batch is ignored.
 """
 
 from __future__ import annotations
@@ -58,6 +65,9 @@ class PipelineConfig(BaseModel):
     torch_threads: int | None = 1  # intra-op threads per stage on a CPU device (None: torch's default)
     ready_timeout_s: float = Field(default=900.0, gt=0)
     hints: bool = True  # stage 0 sends each micro-batch's embeddings ahead to the later stages
+    #: a micro-batch in flight longer than this is reported and its requests re-run or failed;
+    #: None: derived from the layer and link times (``stall_deadline``)
+    stall_deadline_s: float | None = Field(default=None, gt=0)
 
     def model_post_init(self, _):
         if self.placement not in STRATEGIES:
@@ -70,6 +80,26 @@ class StageFailedError(RuntimeError):
 
 class PipelineClosedError(RuntimeError):
     pass
+
+
+class PipelineStallError(RuntimeError):
+    """A micro-batch stayed in the pipeline past its deadline after the request produced tokens."""
+
+
+STALL_FLOOR_S = 30.0  # the shortest deadline: start-up jitter, Python and Ray overheads
+STALL_MARGIN = 20.0  # deadline = margin x the slowest plausible iteration
+
+
+def stall_deadline(num_layers: int, top_k: int, max_batch: int, layer_time_s: float | None,
+                   copy_layer_ratio: float | None) -> float:  # fmt: skip
+    """Seconds a micro-batch may stay in flight: ``STALL_MARGIN`` x an iteration in which every
+    layer copies every expert that ``max_batch`` requests can select (no hits at all), at least
+    ``STALL_FLOOR_S``. Without a measured layer time (a real CUDA link) the floor alone."""
+    if layer_time_s is None:
+        return STALL_FLOOR_S
+    copies = max_batch * top_k * (copy_layer_ratio or 0.0)  # layer times of copies per layer
+    worst = num_layers * layer_time_s * (max_batch + copies)
+    return max(STALL_FLOOR_S, STALL_MARGIN * worst)
 
 
 class PipelineRequest:
@@ -175,13 +205,19 @@ class _SchedulerMetrics:
         self.inflight = metrics.Gauge("expertmap_scheduler_inflight_microbatches", "micro-batches in the pipeline")
         self.active = metrics.Gauge("expertmap_scheduler_active_requests", "requests being generated")
         self.failures = metrics.Counter("expertmap_scheduler_stage_failures_total", "stage deaths seen")
+        self.stalls = metrics.Counter("expertmap_scheduler_stalled_microbatches_total",
+                                      "micro-batches in flight past their deadline")  # fmt: skip
 
 
 class Scheduler:
     """Continuous batching over a chain of stage actors (see the module docstring)."""
 
-    def __init__(self, stages: list, max_batch: int = 8, on_stage_failure: Callable[[], None] | None = None):
+    def __init__(self, stages: list, max_batch: int = 8, on_stage_failure: Callable[[], None] | None = None,
+                 stall_deadline_s: float = STALL_FLOOR_S):  # fmt: skip
         self.stages = stages
+        self.stall_deadline_s = stall_deadline_s
+        self.stalls = 0
+        self._launched: dict[ray.ObjectRef, float] = {}  # in flight since (perf_counter)
         self.on_stage_failure = on_stage_failure  # e.g. re-arm what a restarted stage forgot
         self.max_batch = max_batch
         self.depth = len(stages) + 1  # micro-batches in flight
@@ -240,6 +276,7 @@ class Scheduler:
                     done, _ = ray.wait(list(self._inflight), num_returns=1, timeout=0.05)
                     for ref in done:
                         self._complete(ref)
+                self._watch()
                 self.metrics.waiting.set(len(self._ready))
                 self.metrics.inflight.set(len(self._inflight))
                 self.metrics.active.set(len(self._active))
@@ -248,6 +285,7 @@ class Scheduler:
                 for req in list(self._active.values()):
                     self._finish(req, error=RuntimeError("internal scheduler error; see the server log"))
                 self._inflight.clear()
+                self._launched.clear()
                 self._ready.clear()
 
     def _chain(self, mb: MicroBatch) -> ray.ObjectRef:
@@ -274,14 +312,56 @@ class Scheduler:
                 r.started_at = r.started_at or now
             mb = MicroBatch([r.step() for r in take], release=self._release)
             self._release = []
-            self._inflight[self._chain(mb)] = ([(r, r.attempt) for r in take], mb.release)
+            ref = self._chain(mb)
+            self._inflight[ref] = ([(r, r.attempt) for r in take], mb.release)
+            self._launched[ref] = now
             self.microbatches += 1
         if self._release and not self._inflight:  # nothing else will carry them: a release-only batch
             mb = MicroBatch([], release=self._release)
             self._release = []
             self._inflight[self._chain(mb)] = ([], mb.release)
 
+    def _watch(self) -> None:
+        """The watchdog: micro-batches in flight past the deadline are reported, their requests
+        re-run (no token yet) or failed, and their late results ignored."""
+        now = time.perf_counter()
+        late = [ref for ref, t in self._launched.items() if now - t > self.stall_deadline_s and ref in self._inflight]
+        for ref in late:
+            reqs, release = self._inflight.pop(ref)
+            waited = now - self._launched.pop(ref)
+            self.stalls += 1
+            self.metrics.stalls.inc()
+            logger.error(
+                "micro-batch of requests %s in flight for %.1f s (deadline %.1f s); stages: %s; re-running or "
+                "failing its requests", [r.rid for r, _ in reqs], waited, self.stall_deadline_s, self._stage_report(),
+            )  # fmt: skip
+            self._release.extend(release)
+            for req, attempt in reqs:
+                if attempt != req.attempt or req.done.is_set():
+                    continue
+                self._release.append(req.key)  # whatever the stages hold of this attempt
+                if req.tokens:
+                    self._finish(req, error=PipelineStallError(
+                        f"request {req.rid} was stuck in the pipeline for {waited:.0f} s after {len(req.tokens)} "
+                        "tokens; retry the request"))  # fmt: skip
+                else:
+                    req.restart()
+                    self._ready.append(req)
+
+    def _stage_report(self) -> str:
+        """Each stage's counters (which one is busy, stalled on copies, or unreachable)."""
+        parts = []
+        for i, stage in enumerate(self.stages):
+            try:
+                s = ray.get(stage.stats.remote(), timeout=2.0)
+                parts.append(f"stage {i}: steps {s.get('steps')}, busy {s.get('busy_s', 0):.1f} s, "
+                             f"copy stall {s.get('stall_s', 0):.1f} s, requests {s.get('requests')}")  # fmt: skip
+            except Exception as exc:  # a stage that cannot answer is the finding
+                parts.append(f"stage {i}: no answer ({exc.__class__.__name__})")
+        return "; ".join(parts)
+
     def _complete(self, ref: ray.ObjectRef) -> None:
+        self._launched.pop(ref, None)
         reqs, _ = self._inflight.pop(ref)
         try:
             mb: MicroBatch = ray.get(ref)
@@ -297,7 +377,7 @@ class Scheduler:
         for step, (req, attempt) in zip(mb.steps, reqs, strict=True):
             if attempt != req.attempt or req.done.is_set():
                 continue  # superseded by a restart after a stage failure, or already failed
-            if req.deliver(step.token, step.cache):
+            if req.deliver(step.token, step.cache, step):
                 self._finish(req)
             else:
                 self._ready.append(req)
@@ -319,6 +399,7 @@ class Scheduler:
         for _, release in self._inflight.values():  # their results are void: drop them, keep their releases
             self._release.extend(release)
         self._inflight.clear()
+        self._launched.clear()
         for req in list(self._active.values()):
             self._release.append(req.key)  # stale caches on the surviving stages
             if req.tokens:
@@ -401,7 +482,10 @@ class Pipeline:
         self.nodes = bundle_nodes(self.pg)
         logger.info("pipeline of %d stages ready in %.1f s (layers %s, nodes %d)", len(self.stages),
                     time.perf_counter() - t0, [(s.start, s.end) for s in self.specs], len(set(self.nodes)))  # fmt: skip
-        self.scheduler = Scheduler(self.stages, config.max_batch, rearm)
+        deadline = config.stall_deadline_s or stall_deadline(
+            num_layers, adapter.top_k(hf_config), config.max_batch, layer_time, config.engine.link.copy_layer_ratio
+        )
+        self.scheduler = Scheduler(self.stages, config.max_batch, rearm, deadline)
         self._ids = itertools.count()
         self._closed = False
 
