@@ -17,6 +17,8 @@ from torch import nn
 
 from expertmap.actors import defaults
 
+MAX_LOGPROBS = 20  # top log-probabilities per position at most (vLLM's default limit)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,6 +28,9 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     min_new_tokens: int | None = None  # None: max_new_tokens (EOS suppressed, the engine's default)
+    ignore_eos: bool = False  # an end-of-sequence token does not end the request (it runs to max_new_tokens)
+    logprobs: int | None = None  # the last stage returns each new token's log-probability and the top N (0: none)
+    prompt_logprobs: int | None = None  # at prefill: every prompt token's log-probability and the top N
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -34,6 +39,10 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature}: must be > 0 when sampling")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name}={value}: must be in [0, {MAX_LOGPROBS}]")
 
     @property
     def min_new(self) -> int:
@@ -44,13 +53,14 @@ class SamplingParams:
         sequence once ``min_new_tokens`` are out) or None (go on), as ``generate()`` decides."""
         if generated >= self.max_new_tokens:
             return "length"
-        if token in eos_ids and generated >= self.min_new:
+        if token in eos_ids and generated >= self.min_new and not self.ignore_eos:
             return "stop"
         return None
 
 
 class TokenSampler:
     def __init__(self, params: SamplingParams, prompt_len: int, generation_config, device: torch.device):
+        """Log-probabilities (``SamplingParams.logprobs``) are the caller's: see ``log_probs``."""
         from transformers import (
             LogitsProcessorList,
             MinNewTokensLengthLogitsProcessor,
@@ -100,3 +110,18 @@ def _resolved(generation_config, name: str):
     if value is None:
         value = type(generation_config)._get_default_generation_params().get(name)
     return value
+
+
+def log_probs(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """The model's own distribution at each row of ``logits`` [P, V] (raw logits, before any
+    temperature, top-k, top-p or EOS suppression): log-softmax in float32; the log-probability of
+    ``chosen`` [P] in each row, and the ``top`` most likely (token, log-probability) pairs, most
+    likely first."""
+    lp = torch.log_softmax(logits.to(torch.float32), dim=-1)
+    picked = lp.gather(-1, chosen.view(-1, 1).to(lp.device)).squeeze(-1).tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in picked]
+    if top > 0:
+        values, ids = torch.topk(lp, k=min(top, lp.shape[-1]), dim=-1, sorted=True)
+        values, ids = values.tolist(), ids.tolist()
+        tops = [list(zip(i, v)) for i, v in zip(ids, values)]
+    return picked, tops

@@ -115,6 +115,9 @@ class PipelineRequest:
         self.on_token = on_token  # called on the scheduler thread with each new token
         self.on_done = on_done  # called on the scheduler thread once the request ends (or fails)
         self.tokens: list[int] = []
+        # with params.logprobs: one (logprob, [(token, logprob)] top N) per token, appended before on_token
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # prompt tokens 1.. (prefill)
         self.stats = CacheStats()  # cache counters during this request's iterations, all stages
         self.started_at: float | None = None  # first launched into the pipeline
         self.token_times: list[float] = []
@@ -158,10 +161,15 @@ class PipelineRequest:
         first = self.start == 0
         return Step(self.key, self.start, list(self.next_ids), self.params if first else None)
 
-    def deliver(self, token: int, stats: CacheStats | None = None) -> bool:
-        """Record a token; True when the request is finished."""
+    def deliver(self, token: int, stats: CacheStats | None = None, step: Step | None = None) -> bool:
+        """Record a token (with the log-probabilities ``step`` carries); True when the request is finished."""
         if stats is not None:
             self.stats = self.stats.merge(stats)
+        if step is not None:
+            if step.prompt_logprobs is not None:
+                self.prompt_logprobs = step.prompt_logprobs
+            if step.token_logprob is not None:
+                self.logprobs.append((step.token_logprob, step.top_logprobs or []))
         self.start += len(self.next_ids)
         self.tokens.append(token)
         self.token_times.append(time.perf_counter())

@@ -10,7 +10,8 @@ to the scheduler, which runs it together with the others in flight; at most ``ma
 requests are admitted at once, beyond that they are refused with 429 and ``Retry-After``.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
-server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text
+server-sent events, and log-probabilities: cluster/openai_logprobs.py), ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus text
 format, written by hand from the replica's own counters), ``GET /openapi.json``. Every error is an
 OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``. Optional API keys
 (``Authorization: Bearer KEY``), read in the replica from the environment variable named by
@@ -35,13 +36,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertmap.actors.config import require_model_folder
 from expertmap.cluster.local_grpc import bind_replica_grpc_to_loopback, node_is_loopback
-from expertmap.cluster.openai_schemas import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, RETRY_AFTER_S,
-                                              APIError, ChatBody, CompletionBody, GenerationBody, generation_error,
-                                              parse_body)  # fmt: skip
+from expertmap.cluster.openai_logprobs import TokenText, chat_logprobs, completion_logprobs
+from expertmap.cluster.openai_schemas import (DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS, MAX_PROMPTS,
+                                              RETRY_AFTER_S, APIError, ChatBody, CompletionBody, GenerationBody,
+                                              generation_error, parse_body)  # fmt: skip
 from expertmap.cluster.serve_args import AppArgs, check_exposure, make_pipeline, parse_args, read_api_keys
 from expertmap.cluster.serve_auth import check_bearer
 from expertmap.cluster.serve_metrics import STAGE_METRICS, Metrics
-from expertmap.cluster.streaming import Job, sse
+from expertmap.cluster.streaming import DONE, ChoiceDone, ChoiceFailed, ChoiceSpec, Delta, Echo, Job, sse
 
 logger = logging.getLogger("expertmap.serve")
 
@@ -98,6 +100,7 @@ class ExpertMapServer:
         from transformers import AutoConfig, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(a.model_path)  # safetensors folders only (checked)
+        self.token_text = TokenText(self.tokenizer)
         hf_config = AutoConfig.from_pretrained(a.model_path, trust_remote_code=False)
         self.pipeline = make_pipeline(a)
         self.model_id = a.model_id
@@ -110,18 +113,21 @@ class ExpertMapServer:
         logger.info("serving %s (context %d) on %d stage(s) with policy %s", self.model_id, self.context, a.gpus, a.policy)
 
     # --- plumbing ----------------------------------------------------------------------------
-    def _submit(self, ids: list[int], max_tokens: int, body: GenerationBody) -> Job:
+    def _submit(self, choices: list[ChoiceSpec], body: GenerationBody, logprobs: int | None = None,
+                prompt_logprobs: int | None = None, echo: bool = False) -> Job:  # fmt: skip
         if self.admitted >= self.args.max_queue:
             with self.metrics.lock:
                 self.metrics.rejected += 1
             raise APIError(429, f"the server is busy: {self.admitted} requests are in progress (max_queue "
                            f"{self.args.max_queue}); retry later", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)})  # fmt: skip
-        job = Job(self.pipeline, self.tokenizer, self.eos_ids, ids, max_tokens, body, asyncio.get_running_loop())
+        job = Job(self.pipeline, self.tokenizer, self.eos_ids, choices, body, asyncio.get_running_loop(),
+                  logprobs, prompt_logprobs, echo)  # fmt: skip
         self.admitted += 1
         try:
             job.start()
         except Exception as exc:  # the pipeline is shut down
+            job.cancel()
             self._release(job)
             raise APIError(503, f"the server cannot take requests now: {exc}", type="server_error",
                            code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
@@ -172,27 +178,41 @@ class ExpertMapServer:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "expertmap",
+                "max_model_len": self.context}  # fmt: skip
+
     def _check_model(self, name: str) -> None:
         if name != self.model_id:
             raise APIError(404, f"The model {name!r} does not exist; this server serves {self.model_id!r}.",
                            param="model", code="model_not_found")  # fmt: skip
 
-    def _budget_tokens(self, ids: list[int], max_tokens: int | None, default: int, param: str) -> int:
-        n = len(ids)
+    def _budget_tokens(self, ids: list[int], body: GenerationBody, default: int, param: str,
+                       allow_zero: bool = False) -> int:  # fmt: skip
+        """The prompt ``ids``' completion limit: the body's, checked against the context and the
+        server's cap, or ``default`` within them; 0 only where ``allow_zero`` (prompt scoring)."""
+        n, max_tokens, limit_param = len(ids), body.limit, body.limit_param
         if n >= self.context:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens; your prompt has "
                            f"{n} tokens, which leaves no room for a completion.", param=param,
                            code="context_length_exceeded")  # fmt: skip
         cap = self.args.max_tokens_limit
         if max_tokens is None:
-            return min(default, cap, self.context - n)
-        if max_tokens > cap:
-            raise APIError(400, f"max_tokens {max_tokens} is more than this server generates per choice ({cap}).",
-                           param="max_tokens", code="invalid_value")  # fmt: skip
-        if n + max_tokens > self.context:
+            max_tokens = min(default, cap, self.context - n)
+        elif max_tokens == 0 and not allow_zero:
+            raise APIError(400, f"{limit_param} 0: it must be at least 1"
+                           + (" (0 scores the prompt, with echo: true)" if param == "prompt" else ""),
+                           param=limit_param, code="invalid_value")  # fmt: skip
+        elif max_tokens > cap:
+            raise APIError(400, f"{limit_param} {max_tokens} is more than this server generates per choice ({cap}).",
+                           param=limit_param, code="invalid_value")  # fmt: skip
+        elif n + max_tokens > self.context:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens; you requested "
                            f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} for the completion).",
-                           param="max_tokens", code="context_length_exceeded")  # fmt: skip
+                           param=limit_param, code="context_length_exceeded")  # fmt: skip
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens {body.min_tokens} is more than the completion's limit of {max_tokens} "
+                           "tokens", param="min_tokens", code="invalid_value")  # fmt: skip
         return max_tokens
 
     def _stats(self, reqs: list, job: Job) -> dict:
@@ -220,10 +240,11 @@ class ExpertMapServer:
 
     def _observe(self, job: Job, reqs: list, prompt_tokens: int, completion_tokens: int) -> None:
         with self.metrics.lock:
-            self.metrics.prompt_tokens += prompt_tokens * len(reqs)
+            self.metrics.prompt_tokens += prompt_tokens
             self.metrics.completion_tokens += completion_tokens
-            if reqs and reqs[0].token_times:
-                self.metrics.ttft.observe(reqs[0].token_times[0] - job.arrived)
+            firsts = [r.token_times[0] for r in reqs if r.token_times]
+            if firsts:
+                self.metrics.ttft.observe(min(firsts) - job.arrived)
             starts = [r.started_at for r in reqs if r.started_at is not None]
             if starts:
                 self.metrics.queue_wait.observe(min(starts) - job.arrived)
@@ -231,19 +252,21 @@ class ExpertMapServer:
                 for t in r.tpot_s:
                     self.metrics.tpot.observe(t)
 
-    async def _collect(self, job: Job) -> tuple[list, list, list, int]:
-        """The choices' texts, finish reasons and requests in index order (they finish in any
-        order), and the tokens of their texts."""
-        found: dict[int, tuple] = {}
+    async def _collect(self, job: Job) -> tuple[list[ChoiceDone], dict[int, Echo]]:
+        """The finished choices in index order (they finish in any order) and their echoes."""
+        found: dict[int, ChoiceDone] = {}
+        echoes: dict[int, Echo] = {}
         error = None
         try:
             while True:
                 ev = await job.events.get()
-                if ev[0] == "choice":
-                    found[ev[1]] = (ev[2], ev[3], ev[4], ev[5])
-                elif ev[0] == "error":
-                    error = error or ev[2]
-                elif ev[0] == "done":
+                if isinstance(ev, ChoiceDone):
+                    found[ev.index] = ev
+                elif isinstance(ev, Echo):
+                    echoes[ev.index] = ev
+                elif isinstance(ev, ChoiceFailed):
+                    error = error or ev.message
+                elif ev == DONE:
                     break
         except asyncio.CancelledError:
             self._cancel(job)
@@ -252,60 +275,86 @@ class ExpertMapServer:
         if error is not None:
             job.cancel()
             raise generation_error(error)
-        ordered = [found[i] for i in sorted(found)]
-        return [o[0] for o in ordered], [o[1] for o in ordered], [o[2] for o in ordered], sum(o[3] for o in ordered)
+        return [found[i] for i in sorted(found)], echoes
+
+    def _logprobs(self, kind: str, entries: list, offset: int = 0) -> tuple[dict, int]:
+        if kind == "chat":
+            return chat_logprobs(self.token_text, entries), offset
+        return completion_logprobs(self.token_text, entries, offset)
 
     def _stream(self, route: str, job: Job, kind: str, created: int, rid: str, prompt_tokens: int, t0: float):
-        include_usage = bool((job.body.stream_options or {}).get("include_usage"))
+        options = job.body.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(options and options.continuous_usage_stats)
+        with_logprobs = job.logprobs is not None
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        state = {"completion": 0}
 
-        def chunk(index: int, delta: str | None, finish: str | None, role: bool = False, extra: dict | None = None):
+        def usage() -> dict:
+            c = state["completion"]
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c}
+
+        def chunk(index: int, delta: str | None, finish: str | None, role: bool = False, logprobs: dict | None = None,
+                  extra: dict | None = None):  # fmt: skip
             if kind == "chat":
                 d = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta is not None else {})
-                choice = {"index": index, "delta": d, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": index, "text": delta or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
             out = {"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [choice]}
-            if include_usage:
+            if continuous:
+                out["usage"] = usage()
+            elif include_usage:
                 out["usage"] = None
             out.update(extra or {})
             return sse(out)
 
         async def events():
             finished, status = False, 200
-            reqs, started, completion = [], set(), 0
+            reqs, started = [], set()
+            offsets: dict[int, int] = {}  # completions: each choice's text offset so far
+            sent: dict[int, int] = {}  # each choice's tokens counted so far
             try:
                 while True:
                     ev = await job.events.get()
-                    if ev[0] == "delta":
-                        i = ev[1]
+                    if isinstance(ev, Echo):  # completions only
+                        lp, offsets[ev.index] = self._logprobs(kind, ev.logprobs) if with_logprobs else (None, len(ev.text))
+                        yield chunk(ev.index, ev.text, None, logprobs=lp)
+                    elif isinstance(ev, Delta):
+                        i = ev.index
                         if kind == "chat" and i not in started:
                             started.add(i)
                             yield chunk(i, None, None, role=True)
-                        yield chunk(i, ev[2], None)
-                    elif ev[0] == "choice":
-                        i, req = ev[1], ev[4]
-                        completion += ev[5]
+                        state["completion"] += ev.tokens
+                        sent[i] = sent.get(i, 0) + ev.tokens
+                        lp = None
+                        if with_logprobs:
+                            lp, offsets[i] = self._logprobs(kind, ev.logprobs, offsets.get(i, 0))
+                        yield chunk(i, ev.text, None, logprobs=lp)
+                    elif isinstance(ev, ChoiceDone):
+                        i = ev.index
+                        state["completion"] += ev.tokens - sent.get(i, 0)  # tokens after the last delta
                         if kind == "chat" and i not in started:
                             started.add(i)
                             yield chunk(i, None, None, role=True)
-                        reqs.append(req)
-                        yield chunk(i, None, ev[3], extra={"expertmap": self._stats([req], job)})
-                    elif ev[0] == "error":
-                        err = generation_error(ev[2])
+                        reqs.append(ev.request)
+                        lp = None
+                        if with_logprobs:
+                            lp, offsets[i] = self._logprobs(kind, ev.pending, offsets.get(i, 0))
+                        yield chunk(i, None, ev.finish_reason, logprobs=lp, extra={"expertmap": self._stats([ev.request], job)})
+                    elif isinstance(ev, ChoiceFailed):
+                        err = generation_error(ev.message)
                         status = err.status
                         yield sse({"error": {"message": err.message, "type": err.type, "param": None, "code": err.code}})
-                    elif ev[0] == "done":
+                    elif ev == DONE:
                         break
                 self._release(job)
                 if include_usage:
-                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                             "total_tokens": prompt_tokens + completion}  # fmt: skip
                     yield sse({"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": [],
-                                "usage": usage, "expertmap": self._stats(reqs, job)})  # fmt: skip
+                                "usage": usage(), "expertmap": self._stats(reqs, job)})  # fmt: skip
                 yield "data: [DONE]\n\n"
                 finished = True
-                self._observe(job, reqs, prompt_tokens, completion)
+                self._observe(job, reqs, prompt_tokens, state["completion"])
             finally:
                 if not finished:
                     self._cancel(job)
@@ -315,26 +364,37 @@ class ExpertMapServer:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
-    async def _generate(self, route: str, kind: str, request: Request, ids: list[int], body: GenerationBody,
-                        max_tokens: int, t0: float):  # fmt: skip
-        job = self._submit(ids, max_tokens, body)
+    async def _generate(self, route: str, kind: str, choices: list[ChoiceSpec], body: GenerationBody, t0: float,
+                        logprobs: int | None = None, echo: bool = False):  # fmt: skip
+        prompt_logprobs = logprobs if echo and logprobs is not None else None
+        job = self._submit(choices, body, logprobs, prompt_logprobs, echo)
         created, rid = _now(), ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        prompt_tokens = sum(len(p) for p in {c.prompt_index: c.prompt for c in choices}.values())
         if body.stream:
-            return self._stream(route, job, kind, created, rid, len(ids), t0)
-        texts, finishes, reqs, completion = await self._collect(job)
-        self._observe(job, reqs, len(ids), completion)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion}
-        if kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finishes))]  # fmt: skip
-            obj = "chat.completion"
-        else:
-            prefix = self.tokenizer.decode(ids, skip_special_tokens=True) if getattr(body, "echo", False) else ""
-            choices = [{"index": i, "text": prefix + t, "logprobs": None, "finish_reason": f}
-                       for i, (t, f) in enumerate(zip(texts, finishes))]  # fmt: skip
-            obj = "text_completion"
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": choices,
-                             "usage": usage, "expertmap": self._stats(reqs, job)})  # fmt: skip
+            return self._stream(route, job, kind, created, rid, prompt_tokens, t0)
+        done, echoes = await self._collect(job)
+        completion = sum(c.tokens for c in done)
+        self._observe(job, [c.request for c in done], prompt_tokens, completion)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+        out = []
+        for c in done:
+            lp = None
+            if kind == "chat":
+                if logprobs is not None:
+                    lp, _ = self._logprobs(kind, c.logprobs)
+                out.append({"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": lp,
+                            "finish_reason": c.finish_reason})  # fmt: skip
+                continue
+            e = echoes.get(c.index)
+            prefix = e.text if e is not None else ""
+            if logprobs is not None:
+                lp, offset = self._logprobs(kind, e.logprobs) if e is not None else (None, 0)
+                gen, _ = self._logprobs(kind, c.logprobs, len(prefix) if e is None else offset)
+                lp = gen if lp is None else {key: lp[key] + gen[key] for key in lp}
+            out.append({"index": c.index, "text": prefix + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+        obj = "chat.completion" if kind == "chat" else "text_completion"
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": self.model_id, "choices": out,
+                             "usage": usage, "expertmap": self._stats([c.request for c in done], job)})  # fmt: skip
 
     # --- routes --------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -347,14 +407,21 @@ class ExpertMapServer:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
-            limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-            if limit is not None and limit < 1:
-                raise APIError(400, "max_completion_tokens must be at least 1", param="max_completion_tokens",
-                               code="invalid_value")  # fmt: skip
-            max_tokens = self._budget_tokens(ids, limit, DEFAULT_CHAT_MAX_TOKENS, "messages")
-            return await self._generate("/v1/chat/completions", "chat", request, ids, body, max_tokens, t0)
+            max_tokens = self._budget_tokens(ids, body, DEFAULT_CHAT_MAX_TOKENS, "messages")
+            choices = [ChoiceSpec(j, ids, max_tokens) for j in range(body.n)]
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            return await self._generate("/v1/chat/completions", "chat", choices, body, t0, logprobs)
 
         return await self._handle("/v1/chat/completions", request, run)
+
+    def _prompt_ids(self, prompt, where: str) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        bad = next(((j, t) for j, t in enumerate(prompt) if not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise APIError(400, f"{where}[{bad[0]}] is token id {bad[1]}, outside the vocabulary [0, {self.vocab})",
+                           param="prompt", code="invalid_value")  # fmt: skip
+        return list(prompt)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -363,17 +430,19 @@ class ExpertMapServer:
         async def run():
             body = parse_body(CompletionBody, await self._read_body(request))
             self._check_model(body.model)
-            if isinstance(body.prompt, str):
-                ids = self.tokenizer(body.prompt).input_ids
-            else:
-                vocab = self.vocab
-                if any(not 0 <= t < vocab for t in body.prompt):
-                    raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_value")
-                ids = list(body.prompt)
-            if not ids:
-                raise APIError(400, "prompt is empty", param="prompt", code="invalid_value")
-            max_tokens = self._budget_tokens(ids, body.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
-            return await self._generate("/v1/completions", "completion", request, ids, body, max_tokens, t0)
+            prompts = body.prompts()
+            if len(prompts) * body.n > MAX_PROMPTS:
+                raise APIError(400, f"{len(prompts)} prompts x n {body.n} = {len(prompts) * body.n} choices: this "
+                               f"server makes at most {MAX_PROMPTS} per request", param="n", code="invalid_value")  # fmt: skip
+            choices = []
+            for p, prompt in enumerate(prompts):
+                ids = self._prompt_ids(prompt, "prompt" if len(prompts) == 1 else f"prompt[{p}]")
+                if not ids:
+                    raise APIError(400, "prompt is empty" if len(prompts) == 1 else f"prompt[{p}] is empty",
+                                   param="prompt", code="invalid_value")  # fmt: skip
+                max_tokens = self._budget_tokens(ids, body, DEFAULT_COMPLETION_MAX_TOKENS, "prompt", allow_zero=body.echo)
+                choices += [ChoiceSpec(p * body.n + j, ids, max_tokens, p) for j in range(body.n)]
+            return await self._generate("/v1/completions", "completion", choices, body, t0, body.logprobs, body.echo)
 
         return await self._handle("/v1/completions", request, run)
 
@@ -387,11 +456,17 @@ class ExpertMapServer:
     @app.get("/v1/models")
     async def models(self, request: Request):
         async def run():
-            return JSONResponse({"object": "list", "data": [
-                {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "expertmap",
-                 "max_model_len": self.context}]})  # fmt: skip
+            return JSONResponse({"object": "list", "data": [self._model_card()]})
 
         return await self._handle("/v1/models", request, run)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request):
+        async def run():
+            self._check_model(model_id)
+            return JSONResponse(self._model_card())
+
+        return await self._handle("/v1/models/{id}", request, run)
 
     @app.get("/health")
     async def health(self, request: Request):

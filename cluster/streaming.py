@@ -2,7 +2,7 @@
 
 ``TextTracker`` turns one choice's token ids into text as they arrive, at a cost per token that
 does not grow with the output (it decodes only a small window of recent tokens, see the class).
-``Job`` is one HTTP request's ``n`` choices in the pipeline: the scheduler thread's callbacks only
+``Job`` is one HTTP request's choices in the pipeline: the scheduler thread's callbacks only
 hand each token to the replica's event loop, where the trackers decode it, so the thread that
 drives every request in flight does no text work. ``sse`` writes one server-sent event.
 """
@@ -14,7 +14,9 @@ import json
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from expertmap.cluster.openai_logprobs import Entry
 from expertmap.cluster.openai_schemas import GenerationBody
 
 REPLACEMENT = "\ufffd"  # what an unfinished UTF-8 character decodes to
@@ -115,31 +117,85 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+@dataclass
+class ChoiceSpec:
+    """One choice of a request: its index in the response, its prompt and its token limit."""
+
+    index: int
+    prompt: list[int]
+    max_tokens: int  # 0: no new token (the prompt is scored: ``echo`` with ``logprobs``)
+    prompt_index: int = 0
+
+
+@dataclass
+class Echo:  # the choice's prompt, first, when the request asks for echo
+    index: int
+    text: str
+    logprobs: list[Entry]  # with log-probabilities from position 1 when they were asked for
+
+
+@dataclass
+class Delta:  # new text of a choice, and the tokens (count, and entries when logprobs are on) since the last
+    index: int
+    text: str
+    tokens: int
+    logprobs: list[Entry]
+
+
+@dataclass
+class ChoiceDone:  # every delta of the choice was sent before
+    index: int
+    text: str
+    finish_reason: str
+    request: object  # the PipelineRequest
+    tokens: int  # tokens of its text (a stop string's tail not counted), = len(logprobs) when they are on
+    logprobs: list[Entry]
+    pending: list[Entry]  # entries not yet sent with a Delta (their text was held back)
+
+
+@dataclass
+class ChoiceFailed:
+    index: int
+    message: str
+
+
+DONE = "done"
+
+
 class Job:
-    """One HTTP request: its ``n`` choices run in the pipeline at once.
+    """One HTTP request: its choices (``n`` per prompt) run in the pipeline at once.
 
     The pipeline calls ``on_token`` and ``on_done`` on its scheduler thread; they only post the
     token (or the finished request) to ``loop`` (``call_soon_threadsafe``, which keeps their
     order). On the loop, each choice's ``TextTracker`` decodes it and the job puts events on
-    ``events``: ``("delta", i, text)``, ``("choice", i, text, finish_reason, request, tokens)``,
-    ``("error", i, message)`` and, once every choice ended, ``("done",)``. A choice whose text hit
-    a stop string is cancelled; tokens the pipeline made after it are not part of its text, nor
-    of its ``tokens`` count.
+    ``events``: per choice ``Echo`` (with ``echo``), ``Delta``s, then ``ChoiceDone`` or
+    ``ChoiceFailed``; once every choice ended, ``DONE``. A choice whose text hit a stop string is
+    cancelled; tokens the pipeline made after it are not part of its text, nor of its ``tokens``
+    count. ``logprobs`` (None: off) is the top N the last stage adds to each new token;
+    ``prompt_logprobs`` the same for the prompt's tokens (``echo``).
     """
 
-    def __init__(self, pipeline, tokenizer, eos_ids: set[int], ids: list[int], max_tokens: int, body: GenerationBody,
-                 loop: asyncio.AbstractEventLoop):  # fmt: skip
+    def __init__(self, pipeline, tokenizer, eos_ids: set[int], choices: list[ChoiceSpec], body: GenerationBody,
+                 loop: asyncio.AbstractEventLoop, logprobs: int | None = None, prompt_logprobs: int | None = None,
+                 echo: bool = False):  # fmt: skip
         self.pipeline, self.tokenizer, self.eos_ids = pipeline, tokenizer, eos_ids
-        self.ids, self.max_tokens, self.body, self.loop = ids, max_tokens, body, loop
+        self.choices, self.body, self.loop = choices, body, loop
+        self.logprobs, self.prompt_logprobs, self.echo = logprobs, prompt_logprobs, echo
         self.events: asyncio.Queue = asyncio.Queue()
         self.arrived = time.perf_counter()
         self.seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         self.requests: list = []
         self.trackers: list[TextTracker] = []
-        self.left = body.n
+        self.left = len(choices)
         self.closed = False  # admission slot given back
+        self._seen = [0] * len(choices)  # tokens delivered per choice
+        self._echoed = [False] * len(choices)
+        self._text: list[list[str]] = [[] for _ in choices]  # emitted, not yet sent
+        self._pending: list[list[Entry]] = [[] for _ in choices]  # entries not yet sent
+        self._sent_tokens = [0] * len(choices)
+        self._entries: list[list[Entry]] = [[] for _ in choices]
 
-    def _send(self, *event) -> None:  # on the loop
+    def _send(self, event) -> None:  # on the loop
         self.events.put_nowait(event)
 
     def start(self) -> None:
@@ -147,35 +203,72 @@ class Job:
         from expertmap.actors.sampling import SamplingParams
 
         body = self.body
-        for i in range(body.n):
-            params = SamplingParams(max_new_tokens=self.max_tokens, do_sample=body.temperature > 0, seed=self.seed + i,
-                                    temperature=body.temperature or 1.0, top_p=body.top_p, min_new_tokens=0)  # fmt: skip
-            self.trackers.append(TextTracker(self.tokenizer, body.stop or [], lambda d, i=i: self._send("delta", i, d)))
+        for k, spec in enumerate(self.choices):
+            new = max(1, spec.max_tokens)  # max_tokens 0: one token is made and dropped (the prompt is scored)
+            params = SamplingParams(max_new_tokens=new, do_sample=body.temperature > 0, seed=self.seed + spec.index,
+                                    temperature=body.temperature or 1.0, top_p=body.top_p,
+                                    min_new_tokens=min(body.min_tokens, new), ignore_eos=body.ignore_eos,
+                                    logprobs=self.logprobs if spec.max_tokens > 0 else None,
+                                    prompt_logprobs=self.prompt_logprobs)  # fmt: skip
+            self.trackers.append(TextTracker(self.tokenizer, body.stop or [], self._text[k].append))
             self.requests.append(self.pipeline.submit(
-                self.ids, params,
-                on_token=lambda t, i=i: self.loop.call_soon_threadsafe(self._token, i, t),
-                on_done=lambda r, i=i: self.loop.call_soon_threadsafe(self._done, i, r),
+                spec.prompt, params,
+                on_token=lambda t, k=k: self.loop.call_soon_threadsafe(self._token, k, t),
+                on_done=lambda r, k=k: self.loop.call_soon_threadsafe(self._done, k, r),
             ))  # fmt: skip
 
-    def _token(self, i: int, token: int) -> None:
-        tracker = self.trackers[i]
-        if tracker.hit_stop:
+    def _send_echo(self, k: int) -> None:
+        if not self.echo or self._echoed[k]:
+            return
+        from expertmap.cluster.openai_logprobs import prompt_entries
+
+        self._echoed[k] = True
+        spec, req = self.choices[k], self.requests[k]
+        entries = prompt_entries(spec.prompt, req.prompt_logprobs if self.prompt_logprobs is not None else None)
+        self._send(Echo(spec.index, self.tokenizer.decode(spec.prompt, skip_special_tokens=True), entries))
+
+    def _flush(self, k: int) -> None:
+        if self._text[k]:
+            tracker = self.trackers[k]
+            text = "".join(self._text[k])
+            self._text[k].clear()
+            pending, self._pending[k] = self._pending[k], []
+            self._send(Delta(self.choices[k].index, text, tracker.tokens - self._sent_tokens[k], pending))
+            self._sent_tokens[k] = tracker.tokens
+
+    def _token(self, k: int, token: int) -> None:
+        tracker, req = self.trackers[k], self.requests[k]
+        seen = self._seen[k]
+        self._seen[k] += 1
+        self._send_echo(k)
+        if tracker.hit_stop or self.choices[k].max_tokens == 0:
             return
         tracker.add(token)
+        if self.logprobs is not None and len(tracker.ids) > len(self._entries[k]):
+            logprob, top = req.logprobs[seen]
+            entry = (token, logprob, top)
+            self._entries[k].append(entry)
+            self._pending[k].append(entry)
+        self._flush(k)
         if tracker.hit_stop:
-            self.requests[i].cancel()  # the text is already cut
+            req.cancel()  # the text is already cut
 
-    def _done(self, i: int, req) -> None:
-        tracker = self.trackers[i]
+    def _done(self, k: int, req) -> None:
+        tracker, spec = self.trackers[k], self.choices[k]
         if req.error is not None:
-            self._send("error", i, str(req.error))
+            self._send(ChoiceFailed(spec.index, str(req.error)))
         else:
+            self._send_echo(k)
             tracker.finish()
-            stop = tracker.hit_stop or req.finish_reason == "stop" or bool(req.tokens and req.tokens[-1] in self.eos_ids)
-            self._send("choice", i, tracker.emitted, "stop" if stop else "length", req, tracker.tokens)
+            self._flush(k)
+            eos = bool(req.tokens and req.tokens[-1] in self.eos_ids) and not self.body.ignore_eos
+            stop = spec.max_tokens > 0 and (tracker.hit_stop or req.finish_reason == "stop" or eos)
+            pending, self._pending[k] = self._pending[k], []
+            self._send(ChoiceDone(spec.index, tracker.emitted, "stop" if stop else "length", req, tracker.tokens,
+                                  self._entries[k], pending))  # fmt: skip
         self.left -= 1
         if self.left == 0:
-            self._send("done")
+            self._send(DONE)
 
     def cancel(self) -> None:
         for r in self.requests:

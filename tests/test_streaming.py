@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from expertmap.cluster.streaming import Job, TextTracker
+from expertmap.cluster.streaming import DONE, ChoiceDone, ChoiceSpec, Delta, Job, TextTracker
 
 TEXTS = {
     "ascii": "Hello world, this is a test of streaming text. The quick brown fox jumps over the lazy dog.",
@@ -194,13 +194,14 @@ def test_job_decodes_on_the_event_loop_and_counts_tokens_up_to_the_stop(bundled_
 
     async def run():
         pipeline = _FakePipeline(ids)
-        job = Job(pipeline, tok, set(), [1, 2], len(ids), body, asyncio.get_running_loop())
+        choices = [ChoiceSpec(i, [1, 2], len(ids)) for i in range(body.n)]
+        job = Job(pipeline, tok, set(), choices, body, asyncio.get_running_loop())
         job.start()
         events = []
         while True:
             ev = await asyncio.wait_for(job.events.get(), 60)
             events.append(ev)
-            if ev[0] == "done":
+            if ev == DONE:
                 break
         for th in pipeline.threads:
             th.join()
@@ -208,11 +209,13 @@ def test_job_decodes_on_the_event_loop_and_counts_tokens_up_to_the_stop(bundled_
 
     events, loop_thread = asyncio.run(run())
     assert tok.threads == {loop_thread}, f"decoded on {tok.threads}, the loop runs on {loop_thread!r}"
-    choices = {ev[1]: ev for ev in events if ev[0] == "choice"}
+    choices = {ev.index: ev for ev in events if isinstance(ev, ChoiceDone)}
     assert sorted(choices) == [0, 1]
-    for i, (_, _, text, finish, req, tokens) in choices.items():
-        assert text == full[: full.index(stop)] and finish == "stop"
-        assert tokens == first < len(req.tokens), (tokens, first, len(req.tokens))  # the extra ones are not counted
-        assert req._cancel.is_set()
-        assert "".join(ev[2] for ev in events if ev[0] == "delta" and ev[1] == i) == text
-    assert events[-1] == ("done",)
+    for i, done in choices.items():
+        assert done.text == full[: full.index(stop)] and done.finish_reason == "stop"
+        assert done.tokens == first < len(done.request.tokens), (done.tokens, first, len(done.request.tokens))  # the extra ones are not counted
+        assert done.request._cancel.is_set()
+        deltas = [ev for ev in events if isinstance(ev, Delta) and ev.index == i]
+        assert "".join(ev.text for ev in deltas) == done.text
+        assert sum(ev.tokens for ev in deltas) <= done.tokens
+    assert events[-1] == DONE
