@@ -13,7 +13,7 @@ except the router probabilities they are shown.
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -50,39 +50,11 @@ class RouterEvent:
 DEFAULT_PREFETCH_DISTANCE = defaults.PREFETCH_DISTANCE  # layers ahead (docs/policies.md)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PolicyInputs:
-    """What a run hands its policy besides the cache's shape (see ``PolicyContext``)."""
+    """What a run hands its policy besides the cache's shape; each policy class says which it
+    needs (``needs_store``, ``needs_trace``, ``needs_eams``). ``PolicyContext`` adds the shape."""
 
-    prefetch_distance: int = DEFAULT_PREFETCH_DISTANCE
-    replica: Any = None
-    publish: bool = True
-    trace: list | None = None
-    eams: np.ndarray | None = None
-    synchronous: bool = False
-    tuning: Any = None
-    usage: np.ndarray | None = None
-
-    def context(self, num_layers: int, num_experts: int, top_k: int, num_slots: int, prefetch: bool = True,
-                layers: tuple[int, ...] | None = None, **overrides) -> PolicyContext:  # fmt: skip
-        given = {f.name: getattr(self, f.name) for f in fields(self)}
-        return PolicyContext(num_layers, num_experts, top_k, num_slots, prefetch, layers=layers, **{**given, **overrides})
-
-
-@dataclass(frozen=True)
-class PolicyContext:
-    """What a run hands its policy: the cache's shape and the inputs some policies need (each
-    policy class says which it needs: ``needs_store``, ``needs_trace``, ``needs_eams``)."""
-
-    num_layers: int  # MoE layers L
-    num_experts: int  # routed experts per layer J
-    top_k: int
-    num_slots: int  # cache capacity in experts
-    prefetch: bool = True  # False: eviction rule alone (ablation)
-    _: KW_ONLY
-    #: The MoE layers whose experts this cache holds (a pipeline stage's shard); None: all L.
-    #: Layer indices stay global: a stage's policy still sees the trajectory of earlier stages.
-    layers: tuple[int, ...] | None = None
     prefetch_distance: int = DEFAULT_PREFETCH_DISTANCE
     #: the expert-map store (a ``predictor.replica.StoreReplica``) for map-searching policies
     replica: Any = None
@@ -98,6 +70,25 @@ class PolicyContext:
     tuning: Any = None
     #: warm-up usage counts [L, J]: how often each expert was selected in the warm-up traces (host-static)
     usage: np.ndarray | None = None
+
+    def context(self, num_layers: int, num_experts: int, top_k: int, num_slots: int, prefetch: bool = True,
+                layers: tuple[int, ...] | None = None, **overrides) -> PolicyContext:  # fmt: skip
+        given = {f.name: getattr(self, f.name) for f in fields(PolicyInputs)}
+        return PolicyContext(num_layers, num_experts, top_k, num_slots, prefetch, layers=layers, **{**given, **overrides})
+
+
+@dataclass(frozen=True)
+class PolicyContext(PolicyInputs):
+    """What a run hands its policy: the cache's shape, and the inputs (``PolicyInputs``)."""
+
+    num_layers: int  # MoE layers L
+    num_experts: int  # routed experts per layer J
+    top_k: int
+    num_slots: int  # cache capacity in experts
+    prefetch: bool = True  # False: eviction rule alone (ablation)
+    #: The MoE layers whose experts this cache holds (a pipeline stage's shard); None: all L.
+    #: Layer indices stay global: a stage's policy still sees the trajectory of earlier stages.
+    layers: tuple[int, ...] | None = field(default=None, kw_only=True)
 
     @property
     def owned_layers(self) -> tuple[int, ...]:
