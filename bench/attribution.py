@@ -38,6 +38,8 @@ import numpy as np
 from expertmap.bench.simulator import ReplayCache, SimResult, access_trace, replay
 from expertmap.predictor.policies.base import Key, Policy
 
+NEVER = -(10**12)  # position index of a key never named / refused
+
 
 @dataclass
 class Attribution:
@@ -209,9 +211,9 @@ class AttributedCache(ReplayCache):
             if in_flight or paused:
                 a.misses_late += 1
                 self._waited.add(key)
-            elif self._named_at.get(key, -1) > window:
+            elif self._named_at.get(key, NEVER) > window:
                 a.misses_predicted += 1
-                a.misses_refused += self._refused_at.get(key, -1) > window
+                a.misses_refused += self._refused_at.get(key, NEVER) > window
             else:
                 a.misses_unnamed += 1
         return super().run_layer(layer, experts, t, *args, **kwargs)

@@ -75,7 +75,11 @@ def finemoe(slots=8, distance=2, publish=False, store_n=50):
     store = InMemoryMapStore(L, J, D, 1000, prefetch_distance=distance)
     for e, m in zip(emb, maps):
         store.add(e, m)
-    inputs = PolicyInputs(replica=StoreReplica(store), prefetch_distance=distance, synchronous=True, publish=publish)
+    from expertmap.predictor.policies.finemoe import FineMoETuning
+
+    # the paper's rules (FineMoETuning.paper()); the code's rules: tests/test_finemoe_faithful.py
+    inputs = PolicyInputs(replica=StoreReplica(store), prefetch_distance=distance, synchronous=True, publish=publish,
+                          tuning=FineMoETuning.paper())  # fmt: skip
     return make_policy("finemoe", inputs.context(L, J, 2, slots, True)), emb, maps, store
 
 

@@ -1,42 +1,52 @@
-"""`hybrid`: ExpertMap's own policy: FineMoE's map searches and Fate's cross-layer gate feeding a
-predicted-Belady cache.
+"""`hybrid`: ExpertMap's own policy: a predicted-Belady cache over every signal there is.
 
-Prediction, as in FineMoE and Fate (both computed on the background planner, off the critical
-path; the compute thread only enqueues the router event):
-- layer l+1 (next): the cross-layer gate (layer l+1's router on layer l's router input), which
-  sees this very token's hidden state: top-(k+1) per token, priority = gate probability;
-- layers l+2..l+d: FineMoE's semantic / trajectory search over the expert-map store.
-
-Eviction, where the measurements point (bench/results): on a per-layer balanced model, FineMoE's
-probability x whole-run frequency loses to plain LRU, because routing has *request locality*:
-what this request used in its last few iterations predicts its next iteration better than
-anything counted over the run. So each cached expert gets an estimated probability of use in an
-iteration, p = max(request-local EWMA of its use per iteration, its current prediction if its
-layer is still ahead in this iteration), and an expected time to next use in layers,
-    t = (layers until its layer next comes) + L x (1/p - 1),
-and the cache evicts the largest t (Belady's rule with predicted instead of known futures).
-The current iteration's best-matching stored map also bounds p from below, for every layer:
-p >= map_weight x min(1, k x map probability). decay = 0.8 and map_weight = 1.5 were chosen on
-prompts 300-380 of the warm split of dev_mix (never on evaluation prompts); see the README.
-Admission uses the same yardstick: a prefetch may evict only an expert expected later than it.
-Prefetched experts stay protected until their layer has passed.
+For every (layer, expert) it estimates the time to its next use, in layers, with
+``predictor.next_use`` (the semantic match for the whole iteration at its start, the trajectory
+match, the cross-layer gate for the next layer, the request's own recent use, the store's
+popularity, the distance in layers; a small logistic model fitted on warm-up traces,
+``bench/fit_next_use.py``). One yardstick for the three decisions:
+- eviction: the resident expert expected furthest in the future goes;
+- admission: a prefetch may displace only an expert expected later than itself (by ``margin``
+  layers, so that two near-equal estimates do not swap back and forth over the link);
+- prefetch order: soonest expected use first, over every layer of this cache (the next layers of
+  this iteration and the early layers of the next one), never more than the cache holds.
+All of it runs on the background planner (the compute thread only enqueues its events); the cache
+reads the newest estimate. The map searches and publishing are FineMoE's (the paper's rules).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from expertmap.predictor.policies.base import Key
-from expertmap.predictor.policies.fate import gate_prediction
-from expertmap.predictor.policies.finemoe import FineMoE
+import numpy as np
 
-P_FLOOR = 1e-3
+from expertmap.predictor.next_use import FEATURES, NextUseModel, NextUseState
+from expertmap.predictor.policies.base import Prefetch
+from expertmap.predictor.policies.finemoe import FineMoE, FineMoETuning
+
+# Fitted by `python -m expertmap.bench.fit_next_use` on the warm-up split of dev_mix (store from
+# its first 240 prompts, fitted on prompts 240-300; bench/results/issue12/fit.json); FEATURES order.
+_W = (
+    (10.34, 1.77, 0.60, -2.90, 2.01, 8.09, 1.54, -0.28, 2.89, 0.00, -0.16, -18.96, 0.91, -0.91),
+    (4.71, 1.05, 0.65, 1.24, 1.47, 0.00, 0.00, 0.47, 3.49, 0.00, -0.22, -18.54, 1.29, -0.26),
+    (-2.58, 0.06, -0.06, 0.17, 0.20, 0.00, 0.00, 0.12, 3.02, -0.01, -0.07, 10.51, -0.12, 0.17),
+)  # fmt: skip
+DEFAULT_MODEL = NextUseModel(tuple(tuple(w) + (0.0,) * (len(FEATURES) - len(w)) for w in _W))
 
 
 @dataclass(frozen=True)
 class HybridTuning:
-    decay: float = 0.8  # per-iteration decay of the request-local use estimate, in (0, 1)
-    map_weight: float = 1.5  # weight of the matched map's probability as a floor of p (0: off)
+    model: NextUseModel = field(default=DEFAULT_MODEL)  # the next-use model (predictor/next_use.py)
+    margin: float = 0.0  # admission: expected next use of the prefetch + margin < the victim's (layers)
+    min_p: float = 0.0  # prefetch only experts whose next pass uses them with at least this probability
+
+    def __post_init__(self):
+        if not isinstance(self.model, NextUseModel):
+            raise TypeError(f"HybridTuning.model must be a NextUseModel, got {type(self.model).__name__}")
+        if not (np.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"HybridTuning.margin {self.margin} must be a finite number >= 0")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"HybridTuning.min_p {self.min_p} must be in [0, 1)")
 
 
 class Hybrid(FineMoE):
@@ -44,83 +54,73 @@ class Hybrid(FineMoE):
     Tuning = HybridTuning
 
     def __init__(self, ctx):
+        self.state = NextUseState(ctx.num_layers, ctx.num_experts)
+        self._t = np.full((ctx.num_layers, ctx.num_experts), 1e6)  # expected layers to next use
+        self._owned = np.zeros(ctx.num_layers, bool)
+        self._owned[list(ctx.owned_layers)] = True
+        self._tokens = 1
         super().__init__(ctx)
-        self.decay = self.tuning.decay
-        self.map_weight = self.tuning.map_weight
-        if not 0.0 < self.decay < 1.0:
-            raise ValueError(f"hybrid decay {self.decay} must be in (0, 1)")
-        self._gate_plan = []
-        self._use: dict[Key, tuple[float, int]] = {}  # key -> (EWMA use per iteration, iteration)
-        self._pred_iter: dict[Key, int] = {}  # iteration a current-iteration prediction was made in
+        self.model = self.tuning.model
+        self.margin = self.tuning.margin
+        self.contains = lambda key: False  # set by the cache: resident or in flight
+
+    def _rules(self):
+        return FineMoETuning.paper()  # the map searches as the paper describes them
 
     def reset(self):
         super().reset()
-        self._gate_plan = []
-        self._use.clear()
-        self._pred_iter.clear()
+        self.state = NextUseState(self.ctx.num_layers, self.ctx.num_experts)
+        self._t = np.full_like(self._t, 1e6)
 
-    # --- prediction ----------------------------------------------------------------------------
+    # --- compute thread: enqueue only ----------------------------------------------------------
     def on_iteration_start(self, iteration, embedding):
-        self._gate_plan = []
+        self._tokens = 1 if embedding is None else int(embedding.shape[0])
         super().on_iteration_start(iteration, embedding)
 
-    def _replan(self):
-        """Background thread, newest position only: the map searches' plan, then the gate's."""
-        super()._replan()
-        it = self.pos.iteration
-        for pf in self._plan:
-            self._pred_iter[pf.key] = it
-        event, self._last_event = self._last_event, None
-        if event is not None:
-            plan = gate_prediction(event, self.ctx.top_k + 1)  # next router on this router's input
-            for pf in plan:
-                self.pred_prob[pf.key] = pf.priority
-                self._pred_iter[pf.key] = it
-            self._gate_plan = plan
-
-    def prefetch_plan(self):
-        if not self.ctx.prefetch:
-            return []
-        nxt = {pf.key[0] for pf in self._gate_plan}
-        return self._gate_plan + [pf for pf in self._plan if pf.key[0] not in nxt] or self._hint_plan
-
-    # --- the predicted-Belady cache --------------------------------------------------------------
     def on_layer_start(self, layer, experts):
         super().on_layer_start(layer, experts)
-        it = self.pos.iteration
-        for e in experts:
-            u = self._ewma((layer, e), it)
-            self._use[(layer, e)] = (self.decay * u + (1.0 - self.decay), it + 1)
+        self.planner.submit(("used", layer, list(experts)))
 
-    def _ewma(self, key: Key, iteration: int) -> float:
-        value, since = self._use.get(key, (0.0, iteration))
-        return value * self.decay ** max(0, iteration - since)
+    # --- background planner ------------------------------------------------------------------------
+    def _apply(self, item):
+        super()._apply(item)
+        kind = item[0]
+        if kind == "start":
+            _, iteration, emb = item
+            self.state.start(iteration, self._index, self._embedding, self._tokens)
+        elif kind == "router":
+            _, _, layer, mean, _, event = item
+            gate = event.next_gate() if event is not None else None
+            gate = None if gate is None else gate.float().amax(dim=0).cpu().numpy()
+            self.state.router(layer, mean.cpu().numpy(), gate)
+        elif kind == "used":
+            _, layer, experts = item
+            self.state.used(layer, experts)
 
-    def use_probability(self, key: Key) -> float:
-        p = self._ewma(key, self.pos.iteration)
-        if key[0] > self.pos.layer and self._pred_iter.get(key) == self.pos.iteration:
-            p = max(p, self.pred_prob.get(key, 0.0))
-        if self.map_weight:
-            pred = self._layer_pred.get(key[0])
-            if pred is not None:
-                p = max(p, self.map_weight * min(1.0, self.ctx.top_k * float(pred[0][key[1]])))
-        return max(p, P_FLOOR)
+    def _replan(self):
+        p, t = self.state.next_use(self.model)
+        self._t = t
+        if not self.ctx.prefetch:
+            return
+        t = np.where(self._owned[:, None] & (p >= self.tuning.min_p), t, np.inf)
+        order = np.argsort(t, axis=None, kind="stable")[: self.ctx.num_slots]
+        J = self.ctx.num_experts
+        self._plan = [Prefetch((int(i // J), int(i % J)), -float(t.flat[i])) for i in order if np.isfinite(t.flat[i])]
 
-    def time_to_next_use(self, key: Key, p: float | None = None) -> float:
-        L = self.ctx.num_layers
-        ahead = key[0] - self.pos.layer
-        layers = ahead if ahead > 0 else L + ahead
-        p = self.use_probability(key) if p is None else max(p, P_FLOOR)
-        return layers + L * (1.0 / p - 1.0)
+    # --- the cache's questions ---------------------------------------------------------------------
+    def time_to_next_use(self, key) -> float:
+        return float(self._t[key])
 
     def choose_victim(self, candidates, incoming=None):
-        unprotected = [k for k in candidates if not self.is_protected(k)]
-        return max(unprotected or candidates, key=self.time_to_next_use)
+        t = self._t
+        return max(candidates, key=lambda k: t[k])
 
     def admit(self, prefetch, victim):
         if victim is None:
             return True
-        if self.is_protected(victim):
-            return False
-        p = max(prefetch.priority * (prefetch.key[0] - max(self.pos.layer, -1)), P_FLOOR)  # undo p/distance
-        return self.time_to_next_use(prefetch.key, min(p, 1.0)) < self.time_to_next_use(victim)
+        return self._t[prefetch.key] + self.margin < self._t[victim]
+
+    def prefetch_plan(self):
+        if not self.ctx.prefetch:
+            return []
+        return self._plan or self._hint_plan
