@@ -92,6 +92,9 @@ class ReplayCache:
         if len(self.resident) + (self.in_flight is not None) + (self.paused is not None) < self.slots:  # a paused prefetch keeps its slot
             return prefetch is None or self.policy.admit(prefetch, None)
         candidates = [k for k in self.resident if k not in self.pins]
+        if not candidates and prefetch is None and self.paused is not None:
+            self.paused = None  # the layer needs every slot: the prefetch paused for it gives its slot up
+            return True
         if not candidates:
             if prefetch is None:
                 raise RuntimeError("replay: every slot is pinned by the computing layer (budget below one layer)")
