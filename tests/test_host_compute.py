@@ -204,3 +204,57 @@ def test_other_families_host_and_auto_lossless(family, tmp_path):
         tokens, stats, _ = engine_tokens(folder, prompt, miss=miss, link=link, budget=0.5)
         assert tokens == expected, f"{family} --miss {miss}"
         assert stats.host_computed > 0, f"{family} --miss {miss}"
+
+
+def test_pipeline_stages_with_host_misses_share_the_node_and_match_the_engine(bundled_model):
+    """Two in-process stages, two requests per micro-batch, every miss on the host: the engine's
+    tokens; each stage's host is half the node's (its decode ratio doubled)."""
+    from expertmap.actors.sampling import SamplingParams
+    from expertmap.actors.shard import ShardRuntime, split_layers
+    from tests.test_stage import NEW, run_pipeline
+
+    tok = bundled_model.tokenizer
+    prompts = [tok("def add(a, b):").input_ids, tok("Once upon a time").input_ids]
+    config = EngineConfig(model=bundled_model.folder, policy="on-demand", budget=0.25, link=INSTANT, miss="host",
+                          host=host_config("desktop-ddr5"))  # fmt: skip
+    engine = OffloadEngine(config)
+    try:
+        expected = [engine.generate(p, max_new_tokens=NEW).token_ids for p in prompts]
+    finally:
+        engine.close()
+    stages = [ShardRuntime(config, spec) for spec in split_layers(8, 2)]
+    try:
+        assert run_pipeline(stages, prompts, SamplingParams(max_new_tokens=NEW)) == expected
+        assert all(s.cache.snapshot_stats().host_computed > 0 for s in stages)
+        assert stages[0].host_compute.host.decode_ratio == pytest.approx(2 * host_config("desktop-ddr5").decode_ratio)
+    finally:
+        for s in stages:
+            s.close()
+
+
+def test_threaded_host_lane_computes_off_the_calling_thread_and_learns_its_time():
+    """The CUDA host lane, exercised on the CPU: results come back, failures surface, the
+    estimate moves from the calibration towards the measured time."""
+    import threading
+    import time
+
+    from expertmap.actors.host_compute import ThreadedHostLane
+
+    lane = ThreadedHostLane(lambda t: 1.0)  # a calibration far from the truth
+    try:
+        seen = []
+
+        def work():
+            seen.append(threading.current_thread().name)
+            time.sleep(0.01)
+            return "out"
+
+        jobs = [lane.submit(work, 1) for _ in range(3)]
+        assert [j.future.result(timeout=5) for j in jobs] == ["out"] * 3
+        assert seen and all(n.endswith("-host") for n in seen)
+        assert lane.seconds(1) < 0.5 and lane.busy_s >= 0.03
+        failing = lane.submit(lambda: 1 / 0, 1)
+        with pytest.raises(ZeroDivisionError):
+            failing.future.result(timeout=5)
+    finally:
+        lane.close()
