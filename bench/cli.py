@@ -35,7 +35,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     b.add_argument("--budget", default=defaults.BUDGET,
                    help=f"fraction of all expert bytes (0.25, 25%%) or a size (2GiB); default {defaults.BUDGET}")
     b.add_argument("--link", default=defaults.LINK,
-                   help=f"link profile (python -m expertmap.actors.link_profiles lists them), ratio:R or instant; default {defaults.LINK}")
+                   help=f"link profile (python -m expertmap.actors.link_profiles lists them), ratio:R or instant; default {defaults.LINK}; "
+                   "a comma list runs the replay at each (the regime grid, results.json 'grid'), the first is the main run")
+    b.add_argument("--budgets", default=None,
+                   help="comma list of budgets for the regime grid (each --link x each of these; default: --budget only)")
     b.add_argument("--gpus", type=int, default=None,
                    help="run the policies on the Ray pipeline with N stages (real time) instead of the replay + engine run")
     b.add_argument("--concurrency", type=int, default=8, help="clients in flight for --gpus runs (default 8)")
@@ -94,13 +97,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Budget.parse(args.budget)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    _link(args.link, replay=args.gpus is None)
+    links = [s.strip() for s in args.link.split(",") if s.strip()]
+    if not links:
+        raise UsageError(f"--link {args.link!r} names no link")
+    if len(links) > 1 and args.gpus is not None:
+        raise UsageError(f"--link {args.link!r}: a list of links is a replay grid; --gpus runs one link")
+    for name in links:
+        _link(name, replay=args.gpus is None)
+    grid_budgets = tuple(s.strip() for s in (args.budgets or "").split(",") if s.strip())
+    if args.budgets is not None and not grid_budgets:
+        raise UsageError(f"--budgets {args.budgets!r} names no budget")
+    for b in grid_budgets:
+        try:
+            Budget.parse(b)
+        except ValueError as exc:
+            raise UsageError(f"--budgets: {exc}") from None
     from expertmap.actors.host_compute import check_miss_mode
     from expertmap.actors.host_profiles import host_config
 
     try:
         check_miss_mode(args.miss)
-        host_config(args.host, args.link)
+        host_config(args.host, links[0])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.gpus is not None and args.miss != "copy":
@@ -135,7 +152,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from expertmap.bench.run import BenchConfig, run
 
-    cfg = BenchConfig(engine_prompts=engine_prompts, embedding=args.embedding, miss=args.miss, host=args.host, **common)
+    cfg = BenchConfig(engine_prompts=engine_prompts, embedding=args.embedding, miss=args.miss, host=args.host,
+                      grid_budgets=grid_budgets, **common)  # fmt: skip
     run(cfg)
     print(f"wrote {cfg.out}/results.json, results.md, outputs.jsonl and plots")
     print((cfg.out / "results.md").read_text())

@@ -57,6 +57,79 @@ def embedding_lines(cfg: dict) -> list[str]:
     return [line + ".", ""]
 
 
+def grid_lines(results: dict) -> list[str]:
+    """The regime grid (bench/regimes.py): per cell, each policy's hit rate, gap closed and TPOT vs
+    on-demand; then the main cell's loss attribution and its predictors' recall / precision."""
+    from expertmap.bench.attribution import attribution_table, predictor_table
+
+    grid = results.get("grid")
+    if not grid:
+        return []
+    ratios = results["config"].get("grid_links", {})
+    lines = ["## Regimes (replay): hit rate / gap to the oracle closed / TPOT vs on-demand", ""]
+    cells = list(grid)
+    labels = list(dict.fromkeys(label for cell in cells for label in grid[cell]))
+    head = [f"{c} (ratio {ratios.get(c.rsplit('/', 1)[0], float('nan')):.1f})" for c in cells]
+    lines += ["| policy | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(cells)]
+    for label in labels:
+        row = []
+        for c in cells:
+            r, base, orc = grid[c].get(label), grid[c].get("on-demand"), grid[c].get("oracle")
+            if r is None:
+                row.append("")
+                continue
+            gap = gap_closed(r["hit_rate"], base["hit_rate"], orc["hit_rate"]) if base and orc else None
+            tpot = _ratio(r["tpot_s"]["mean"], base["tpot_s"]["mean"]) if base else ""
+            row.append(f"{r['hit_rate']:.3f} / {'' if gap is None else f'{gap:+.2f}'} / {tpot}")
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    lines += ["", "![gap closed vs link ratio](gap_vs_ratio.png)", ""]
+    att = results.get("attribution")
+    if att:
+        cfg = results["config"]
+        lines += [f"## Loss attribution (replay, link `{cfg['link']}`, budget {cfg['budget']}; shares of all accesses)",
+                  "", *attribution_table(att), "", "Each policy's prefetch plan as a predictor (all layers pooled):",
+                  "", *predictor_table(att), ""]  # fmt: skip
+    return lines
+
+
+def plot_grid(results: dict, out: Path) -> None:
+    """gap_vs_ratio.png: share of the on-demand-to-oracle gap closed against the link ratio, per
+    policy, at each budget of the grid."""
+    grid = results.get("grid")
+    if not grid:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = results["config"].get("grid_links", {})
+    budgets = list(dict.fromkeys(c.rsplit("/", 1)[1] for c in grid))
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.5 * len(budgets), 4.2), squeeze=False)
+    for ax, b in zip(axes[0], budgets):
+        cells = sorted((c for c in grid if c.rsplit("/", 1)[1] == b), key=lambda c: ratios.get(c.rsplit("/", 1)[0], 0))
+        labels = dict.fromkeys(l for c in cells for l in grid[c] if l not in ("resident", "on-demand", "oracle"))
+        for label in labels:
+            pts = []
+            for c in cells:
+                r, base, orc = grid[c].get(label), grid[c].get("on-demand"), grid[c].get("oracle")
+                gap = gap_closed(r["hit_rate"], base["hit_rate"], orc["hit_rate"]) if r and base and orc else None
+                if gap is not None:
+                    pts.append((ratios.get(c.rsplit("/", 1)[0], 0.0), gap))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label, linestyle="--" if "no prefetch" in label else "-")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("link ratio (one expert copy / one decode-layer time)")
+        ax.set_ylabel("share of the on-demand-to-oracle hit-rate gap closed")
+        ax.set_title(f"budget {b}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "gap_vs_ratio.png", dpi=110)
+    plt.close(fig)
+
+
 def write_report(results: dict, out: Path) -> None:
     cfg = results["config"]
     lines = [
@@ -82,6 +155,7 @@ def write_report(results: dict, out: Path) -> None:
             *engine_table(results["engine"]),
             "",
         ]
+    lines += grid_lines(results)
     lines += [
         "![hit rate vs budget](hit_rate_vs_budget.png) ![hit rate vs distance](hit_rate_vs_distance.png) "
         "![TPOT vs budget](tpot_vs_budget.png)",
@@ -117,3 +191,4 @@ def plot_all(results: dict, out: Path) -> None:
     sweep("budget_sweep", lambda r: r["hit_rate"], "budget (fraction of expert bytes)", "hit rate", "hit_rate_vs_budget.png")
     sweep("budget_sweep", lambda r: r["tpot_s"]["mean"] * 1e3, "budget (fraction of expert bytes)", "TPOT mean (ms)", "tpot_vs_budget.png")
     sweep("distance_sweep", lambda r: r["hit_rate"], "prefetch distance d (layers)", "hit rate", "hit_rate_vs_distance.png")
+    plot_grid(results, out)

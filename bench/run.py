@@ -67,6 +67,8 @@ class BenchConfig:
     # the semantic embedding the map store is searched with: the model's pooled token embeddings
     # (FineMoE's) or an all-MiniLM-L6-v2 sentence embedding of the text seen so far (384 dims)
     embedding: Literal["token", "minilm"] = "token"
+    # --budgets: the regime grid's budgets (each link of --link x each of these); empty: --budget only
+    grid_budgets: tuple[str, ...] = ()
     # what a miss does (copy: wait for the link; host / auto: actors/host_compute.py); with host or
     # auto every policy also runs in that mode beside copy, and the host-all / host-static baselines run
     miss: str = defaults.MISS
@@ -159,14 +161,14 @@ def host_variants(rows, miss: str) -> list[tuple[str, str, bool, str]]:
 
 
 def replay_row(factory, name, prefetch, traces, slots, ratio, layer_s, expert_bytes, all_keys, distance=None,
-               miss: str = "copy", host: HostConfig | None = None):  # fmt: skip
+               miss: str = "copy", host: HostConfig | None = None, make_cache=None):  # fmt: skip
     """One replay. ``miss`` host/auto (always host for host-all / host-static) needs ``host``, a
-    HostConfig with its ratios (``host_config``)."""
+    HostConfig with its ratios (``host_config``). ``make_cache``: a copy-mode replay cache of the
+    caller's (bench/regimes.py: with loss attribution)."""
     t0 = time.perf_counter()
     policy = factory.make(name, slots, prefetch, access_trace(traces), distance)
     if policy.host_misses:
         miss = "host"
-    make_cache = None
     if miss != "copy":
         if host is None or host.decode_ratio is None:
             raise ValueError(f"policy {name!r} with miss mode {miss!r} needs a host profile with its ratios")
@@ -267,7 +269,11 @@ def run(cfg: BenchConfig) -> dict:
     for p in cfg.policies:
         if p not in POLICIES:
             raise ValueError(f"unknown policy {p!r}; choose from {', '.join(sorted(POLICIES))}")
-    link = link_config(cfg.link)
+    from expertmap.bench.regimes import regime_grid, split_names
+
+    links = split_names(cfg.link, "--link")  # the main run: the first link (and --budget)
+    grid_budgets = list(cfg.grid_budgets) or [cfg.budget]
+    link = link_config(links[0])
     ratio = replay_ratio(link)
     records = load_workload(cfg.workload)
     if cfg.warm is not None:
@@ -304,7 +310,7 @@ def run(cfg: BenchConfig) -> dict:
     slots_of = lambda b: min(total_experts, int(b * total_experts))  # noqa: E731
     main_budget = Budget.parse(cfg.budget).resolve(total_experts * expert_bytes) // expert_bytes
     rows = variants(cfg.policies)
-    host = host_config(cfg.host, cfg.link)
+    host = host_config(cfg.host, links[0])
     miss_rows = host_variants(rows, cfg.miss)
 
     results: dict = {"policies": {}, "budget_sweep": {}, "distance_sweep": {}}
@@ -335,6 +341,11 @@ def run(cfg: BenchConfig) -> dict:
             if name in cfg.policies and d <= L
         }
 
+    results["grid"] = regime_grid(factory, rows, eval_traces, links, grid_budgets, total_experts, expert_bytes,
+                                  all_keys, layer_s, progress=lambda c: tqdm(c, desc="regime grid", unit="cell"))
+    main_cell = results["grid"].get(f"{links[0]}/{cfg.budget}", {})
+    results["attribution"] = {label: row["attribution"] for label, row in main_cell.items()}
+
     outputs: list[dict] = []
     engine_rows = [r for r in rows if r[2]]
     results["engine"] = {}
@@ -349,7 +360,8 @@ def run(cfg: BenchConfig) -> dict:
         "model": recorded(cfg.model), "workload": recorded(cfg.workload), "warm": recorded(cfg.warm) or "70% split",
         "warm_prompts": len(warm), "eval_prompts": len(evals), "engine_prompts": min(cfg.engine_prompts, len(evals)),
         "budget": cfg.budget, "budget_slots": int(main_budget), "total_experts": total_experts,
-        "link": cfg.link, "copy_layer_ratio": ratio, "layer_time_s": layer_s,
+        "link": links[0], "copy_layer_ratio": ratio, "layer_time_s": layer_s,
+        "grid_links": {name: replay_ratio(link_config(name)) for name in links}, "grid_budgets": grid_budgets,
         "miss": cfg.miss, "host": cfg.host, "host_decode_ratio": host.decode_ratio,
         "host_crossover_tokens": host.crossover_tokens,
         "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy" if cfg.greedy else "seeded sampling",

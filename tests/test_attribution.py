@@ -125,3 +125,15 @@ def test_paused_prefetch_keeps_its_slot():
     policy = Scripted(PolicyContext(num_layers=1, num_experts=J, top_k=1, num_slots=2), plans, rank)
     replay(policy, trace([[0], [3], [2]]), 2, 1.5, resident_keys=[A, B], make_cache=Checked)
     assert peak and max(peak) <= 2
+
+
+def test_regime_lists_parse_and_name_a_bad_value():
+    from expertmap.bench.regimes import budget_slots, link_ratios, split_names
+
+    assert split_names("ratio:1, rtx3090-pcie4-mixtral,", "--link") == ["ratio:1", "rtx3090-pcie4-mixtral"]
+    with pytest.raises(ValueError, match="--budgets ' , ' names nothing"):
+        split_names(" , ", "--budgets")
+    assert link_ratios(["ratio:1", "ratio:13.1"]) == {"ratio:1": 1.0, "ratio:13.1": 13.1}
+    with pytest.raises(ValueError, match="'ratio:0'"):
+        link_ratios(["ratio:0"])
+    assert budget_slots("0.25", 128, 1000) == 32

@@ -20,18 +20,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from expertmap.predictor.next_use import FEATURES, NextUseModel, NextUseState
+from expertmap.predictor.next_use import NextUseModel, NextUseState
 from expertmap.predictor.policies.base import Prefetch
 from expertmap.predictor.policies.finemoe import FineMoE, FineMoETuning
 
-# Fitted by `python -m expertmap.bench.fit_next_use` on the warm-up split of dev_mix (store from
-# its first 240 prompts, fitted on prompts 240-300; bench/results/issue12/fit.json); FEATURES order.
-_W = (
-    (10.34, 1.77, 0.60, -2.90, 2.01, 8.09, 1.54, -0.28, 2.89, 0.00, -0.16, -18.96, 0.91, -0.91),
-    (4.71, 1.05, 0.65, 1.24, 1.47, 0.00, 0.00, 0.47, 3.49, 0.00, -0.22, -18.54, 1.29, -0.26),
-    (-2.58, 0.06, -0.06, 0.17, 0.20, 0.00, 0.00, 0.12, 3.02, -0.01, -0.07, 10.51, -0.12, 0.17),
-)  # fmt: skip
-DEFAULT_MODEL = NextUseModel(tuple(tuple(w) + (0.0,) * (len(FEATURES) - len(w)) for w in _W))
+# Fitted by `python -m expertmap.bench.fit_next_use --workload .../dev_mix.jsonl --out
+# bench/results/issue12/fit.json` on the warm-up split of dev_mix (store from its first 240
+# prompts, fitted on prompts 240-300; never on evaluation prompts); rows GROUPS, columns FEATURES.
+DEFAULT_MODEL = NextUseModel((
+    (10.4017, 1.8102, 0.6285, -2.803, 1.9876, 8.2547, 1.4881, -0.1723, 1.0046, 0.0, -0.0206, -23.8281, 0.9652, -0.8478, 0.1324, 0.8225, 0.0979, 5.5333, 0.0008, 1.0238),
+    (5.8946, 1.1959, 0.6876, 1.4974, 1.3997, 0.0, 0.0, 0.5197, -0.1496, 0.0, 0.0333, -28.0308, 1.3631, -0.2776, 0.2262, 0.9272, 0.5877, 10.9503, -0.1714, 1.4017),
+    (-0.6174, 0.3404, -0.0896, -0.4338, 0.1051, 0.0, 0.0, -0.0773, 1.9649, 0.167, -0.0762, 1.5896, -0.1214, 0.2817, -0.0538, -1.687, 0.6035, 7.6551, 0.1818, 0.0269),
+))  # fmt: skip
 
 
 @dataclass(frozen=True)

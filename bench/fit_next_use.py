@@ -1,0 +1,94 @@
+"""Fit `hybrid`'s next-use model (predictor/next_use.py) on warm-up traces, never on evaluation ones.
+
+    python -m expertmap.bench.fit_next_use --workload ../shared/data/workloads/dev_mix.jsonl \
+        --out bench/results/issue12/fit.json
+
+The warm-up prompts are the bench's: the first ``--store-prompts + --fit-prompts`` of the 70%
+split (seed 0) of ``--workload``. The first ``--store-prompts`` fill the map store the searches
+run against; the model is fitted on the next ``--fit-prompts`` (so a search never finds the very
+iteration it is asked about). Writes the weights (``NextUseModel``) and the held-out log loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from expertmap.actors import defaults
+from expertmap.predictor.next_use import FEATURES, GROUPS, fit_next_use, walk
+from expertmap.predictor.search import SearchIndex
+
+
+def index_of(traces, num_layers, num_experts, capacity=1000, distance=3) -> SearchIndex:
+    from expertmap.bench.run import build_store
+
+    store = build_store(traces, num_layers, num_experts, capacity, distance)
+    return SearchIndex(*store.arrays())
+
+
+def log_loss(model, traces, index, num_layers, num_experts) -> list[float]:
+    loss, n = np.zeros(len(GROUPS)), np.zeros(len(GROUPS))
+    for state, label in walk(traces, index, num_layers, num_experts):
+        x, group, _ = state.features()
+        p = np.clip(model.probability(x, group), 1e-4, 1 - 1e-4)
+        for g in range(len(GROUPS)):
+            s = group == g
+            loss[g] += -(label[s] * np.log(p[s]) + (1 - label[s]) * np.log(1 - p[s])).sum()
+            n[g] += s.sum()
+    return [float(v) for v in loss / np.maximum(n, 1)]
+
+
+def main(argv=None) -> int:
+    from expertmap.actors.trace_recorder import TraceRecorder
+    from expertmap.cluster.workload import load_workload, split
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", required=True, help="JSONL workload whose 70%% split gives the warm-up prompts")
+    ap.add_argument("--store-prompts", type=int, default=240, help="warm-up prompts that fill the store (default 240)")
+    ap.add_argument("--fit-prompts", type=int, default=60, help="warm-up prompts the model is fitted on (default 60)")
+    ap.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS, help="new tokens per prompt")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the split and of the sampling (default 0)")
+    ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="model folder (default: bundled)")
+    ap.add_argument("--out", required=True, help="JSON file for the weights")
+    ap.add_argument("--traces", default=None,
+                    help="pickle of the recorded warm-up traces (list of RequestTrace, split order): read if it exists, "
+                    "else recorded and written there")
+    a = ap.parse_args(argv)
+    warm, _ = split(load_workload(Path(a.workload)), 0.7, a.seed)
+    warm = warm[: a.store_prompts + a.fit_prompts]
+    cache = Path(a.traces) if a.traces else None
+    if cache is not None and cache.exists():
+        with open(cache, "rb") as f:
+            traces = pickle.load(f)[: len(warm)]
+        if [t.id for t in traces] != [r["id"] for r in warm]:
+            raise SystemExit(f"--traces {cache}: not the warm-up prompts of {a.workload} (ids differ)")
+    else:
+        recorder = TraceRecorder(Path(a.model), "cpu")
+        traces = recorder.record_all(warm, a.max_new_tokens, do_sample=True, seed=a.seed, desc="warm-up traces")
+        recorder.close()
+        if cache is not None:
+            with open(cache, "wb") as f:
+                pickle.dump(traces, f)
+    L, J = len(traces[0].iterations[0].probs), traces[0].iterations[0].probs[0].shape[1]
+    store_part, fit_part = traces[: a.store_prompts], traces[a.store_prompts :]
+    index = index_of(store_part, L, J)
+    model = fit_next_use(fit_part, index, L, J)
+    out = {
+        "features": list(FEATURES), "groups": list(GROUPS),
+        "weights": [[round(v, 4) for v in w] for w in model.weights],
+        "fit_log_loss": log_loss(model, fit_part, index, L, J),
+        "workload": Path(a.workload).name, "store_prompts": a.store_prompts, "fit_prompts": a.fit_prompts,
+        "max_new_tokens": a.max_new_tokens, "seed": a.seed,
+    }  # fmt: skip
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out["weights"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
