@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="sampling and split seed")
     ap.add_argument("--traces", default=None, help="cache the recorded traces in this pickle file (re-used if present)")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    ap.add_argument("--render-only", action="store_true",
+                    help="re-write results.md, the plot and README.md from --out/results.json (no run)")
     return ap.parse_args(argv)
 
 
@@ -115,6 +117,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render_only:
+        results = json.loads((out / "results.json").read_text())
+        render(results, out, results["config"]["command"])
+        return 0
     model = defaults.BUNDLED_MODEL
     link = link_config(args.link)
     ratio = replay_ratio(link)
@@ -163,19 +169,24 @@ def main(argv=None) -> int:
         "miss": "copy and auto", "timing": "replay (virtual time, layer units x measured layer time)",
         "engine_prompts": args.engine_prompts, "wall_s": time.perf_counter() - t0,
     }  # fmt: skip
-    results = {"config": config, "resident": resident, "budget_sweep": rows, "engine": engine}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    md = report(results, hosts, policies)
-    (out / "results.md").write_text(md)
-    plot(results, hosts, policies, out / "tpot_vs_budget.png")
     given = list(argv if argv is not None else sys.argv[1:])
     if "--traces" in given:  # a cache of the recorded traces: not part of what is measured
         i = given.index("--traces")
         del given[i : i + 2]
-    command = "OMP_NUM_THREADS=1 python -m expertmap.bench.host_bench " + " ".join(given)
-    (out / "README.md").write_text(readme(md, command.strip()))
-    print(md)
+    config["command"] = ("OMP_NUM_THREADS=1 python -m expertmap.bench.host_bench " + " ".join(given)).strip()
+    results = {"config": config, "resident": resident, "budget_sweep": rows, "engine": engine}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(render(results, out, config["command"]))
     return 0
+
+
+def render(results: dict, out: Path, command: str) -> str:
+    hosts, policies = list(results["config"]["hosts"]), results["config"]["policies"]
+    md = report(results, hosts, policies)
+    (out / "results.md").write_text(md)
+    plot(results, hosts, policies, out / "tpot_vs_budget.png")
+    (out / "README.md").write_text(readme(md, command, results["config"]["link"]))
+    return md
 
 
 def _ms(row) -> float:
@@ -272,7 +283,11 @@ def plot(results: dict, hosts, policies, path: Path) -> None:
     plt.close(fig)
 
 
-def readme(md: str, command: str) -> str:
+def readme(md: str, command: str, link: str) -> str:
+    from expertmap.actors.host_profiles import table
+    from expertmap.actors.link_profiles import PROFILES as LINKS
+
+    profiles = table(link if link in LINKS else defaults.LINK)
     return (
         "# Misses computed on the host (`--miss auto`)\n\n"
         "Reproduce (bundled model, trace-driven replay; a few minutes on 2 cores):\n\n"
@@ -283,7 +298,19 @@ def readme(md: str, command: str) -> str:
         "says finishes first (actors/host_compute.py); host profiles in actors/host_profiles.py. `host-all`: every "
         "routed expert on the host (llama.cpp `--cpu-moe`); `host-static`: the experts most used in the warm-up "
         "traces pinned on the device, the rest on the host (kTransformers, `--n-cpu-moe`).\n\n"
-        "![TPOT against budget](tpot_vs_budget.png)\n\n" + md
+        "![TPOT against budget](tpot_vs_budget.png)\n\n" + md + "\n"
+        "## Host profiles\n\n"
+        "`python -m expertmap.actors.host_profiles` (the arithmetic is in actors/host_profiles.py): the host streams an "
+        "expert's weights from DRAM once per call (memory-bound, decode) and does 2 flops per weight per token "
+        "(compute-bound past the crossover); the stages of one node share its bandwidth and cores (N stages: each "
+        "N times slower).\n\n" + profiles + "\n\n"
+        "## What the host path guarantees\n\n"
+        "The host computes with the host copy of the checkpoint's weights (the same tensors the link copies from): "
+        "same weights, same dtype, no quantisation. On a CPU-only machine the device and the host are the same CPU and "
+        "the same kernel runs on equal weights, so the tokens are bit-identical to `resident` in every mode (tested: "
+        "tests/test_host_compute.py, and the engine rows above). On CUDA the host path is a CPU kernel: same weights, "
+        "but its rounding may differ from the GPU kernel's in the last bits, so tokens may diverge after a near-tie; "
+        "that path was not run on a GPU in this round (no device was available).\n"
     )
 
 

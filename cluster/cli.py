@@ -115,6 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(
         f"policy {config.policy}, budget {config.budget} = {engine.num_slots} of {len(engine.host)} experts, "
         f"link {link}, {gen.prompt_tokens} prompt + {len(gen.token_ids)} new tokens"
+        + (f", misses {engine.runtime.host_compute.mode} (host {config.host.profile})" if engine.runtime.host_compute else "")
     )
     print(_format_stats(gen.stats, gen.ttft_s, gen.tpot_s))
     return 0
