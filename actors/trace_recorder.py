@@ -95,13 +95,15 @@ class TraceRecorder:
 
     def record(self, rec: dict, max_new_tokens: int, do_sample: bool, seed: int) -> RequestTrace:
         tok = self.engine.tokenizer
-        ids = tok(rec["prompt"]).input_ids[: self.max_prompt_tokens] or [tok.bos_token_id]
+        prompt = rec["prompt"]  # text, or token ids (a model folder without a tokenizer)
+        ids = list(prompt) if not isinstance(prompt, str) else tok(prompt).input_ids[: self.max_prompt_tokens]
+        ids = ids or [tok.bos_token_id]
         self._current = []
         self.engine.reset()
         g = self.engine.generate(ids, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed)
         if self.embedder is not None:
             self._embed_texts(ids, g.token_ids)
-        return RequestTrace(rec["id"], rec["category"], rec["prompt"], g.text, self._current)
+        return RequestTrace(rec["id"], rec["category"], str(prompt), g.text, self._current)
 
     def _embed_texts(self, prompt_ids: list[int], new_ids: list[int]) -> None:
         """Iteration i has seen the prompt and the first i generated tokens (the last one is its input)."""

@@ -1,6 +1,6 @@
 """Peak host memory of pipeline stages while they load their shard.
 
-    python -m expertmap.bench.shard_memory [--stages 6] [--hidden 256] [--layers 12] [--out DIR]
+    python -m expertmap.bench.shard_memory [--stages 6] [--shape medium] [--layers 12] [--out DIR]
 
 Builds a random-weight Mixtral-architecture checkpoint (bf16; real code paths, sizes chosen by
 the flags), then starts one fresh process per stage of an even N-way split; each builds the
@@ -18,19 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-
-def make_checkpoint(folder: Path, hidden: int, layers: int, experts: int) -> int:
-    """A random Mixtral checkpoint; returns its bytes on disk."""
-    import torch
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    cfg = MixtralConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                        num_attention_heads=8, num_key_value_heads=4, num_local_experts=experts,
-                        num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)  # a benchmark script is an entry point: seeding here is its own business
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+from expertmap.bench.random_models import SHAPES, make_random_checkpoint
 
 
 def _status_mib(field: str) -> float:
@@ -72,9 +60,8 @@ def child(folder: str, stages: int, index: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stages", type=int, default=6, help="pipeline stages (even split of the layers)")
-    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the random model (expert FFN: 4x)")
+    ap.add_argument("--shape", default="medium", choices=sorted(SHAPES), help="the random model's shape")
     ap.add_argument("--layers", type=int, default=12, help="decoder layers")
-    ap.add_argument("--experts", type=int, default=16, help="routed experts per layer")
     ap.add_argument("--out", default="bench/results/shard_memory", help="output folder")
     ap.add_argument("--child", nargs=3, metavar=("FOLDER", "STAGES", "INDEX"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -83,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "random-mixtral"
-        size = make_checkpoint(folder, args.hidden, args.layers, args.experts)
+        size = make_random_checkpoint(folder, args.shape, args.layers)
         rows = []
         for index in [*range(args.stages), -1]:
             out = subprocess.run([sys.executable, "-m", "expertmap.bench.shard_memory", "--child", str(folder),
@@ -91,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     share = size / args.stages / 2**20
     result = {
-        "config": {"hidden": args.hidden, "layers": args.layers, "experts": args.experts, "stages": args.stages,
+        "config": {"shape": args.shape, "layers": args.layers, "stages": args.stages,
                    "checkpoint_mib": size / 2**20, "share_mib": share,
                    "command": "python -m expertmap.bench.shard_memory " + " ".join(sys.argv[1:])},  # fmt: skip
         "stages": [r for r in rows if r["index"] >= 0],
