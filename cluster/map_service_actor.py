@@ -15,7 +15,7 @@ import time
 
 import ray
 
-from expertmap.actors.map_service import ExpertMapService
+from expertmap.predictor.map_service import ExpertMapService
 
 logger = logging.getLogger(__name__)
 
