@@ -130,6 +130,24 @@ def plot_grid(results: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def host_lines(results: dict) -> list[str]:
+    """With ``--miss host|auto``: each replay row's misses computed on the host and the host's busy
+    fraction (none for copy-only runs)."""
+    cfg = results["config"]
+    rows = {k: r for k, r in results["policies"].items() if r.get("miss", "copy") != "copy"}
+    if not rows:
+        return []
+    lines = [f"## Misses on the host (replay; `--miss {cfg.get('miss')}`, host `{cfg.get('host')}`: one expert, one "
+             f"decode token = {cfg.get('host_decode_ratio', float('nan')):.2f} layer times)", "",
+             "| row | miss | accesses on host | host busy | link busy | TPOT mean ms | TTFT p50 ms |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for label, r in rows.items():
+        share = r["host_computed"] / r["accesses"] if r["accesses"] else 0.0
+        lines.append(f"| {label} | {r['miss']} | {share:.0%} | {r['host_busy_frac']:.0%} | {r['link_busy_frac']:.0%} | "
+                     f"{r['tpot_s']['mean'] * 1e3:.1f} | {r['ttft_s']['p50'] * 1e3:.0f} |")  # fmt: skip
+    return lines + [""]
+
+
 def write_report(results: dict, out: Path) -> None:
     cfg = results["config"]
     lines = [
@@ -155,6 +173,7 @@ def write_report(results: dict, out: Path) -> None:
             *engine_table(results["engine"]),
             "",
         ]
+    lines += host_lines(results)
     lines += grid_lines(results)
     lines += [
         "![hit rate vs budget](hit_rate_vs_budget.png) ![hit rate vs distance](hit_rate_vs_distance.png) "
