@@ -290,7 +290,8 @@ def readme(md: str, command: str, link: str) -> str:
     profiles = table(link if link in LINKS else defaults.LINK)
     return (
         "# Misses computed on the host (`--miss auto`)\n\n"
-        "Reproduce (bundled model, trace-driven replay; a few minutes on 2 cores):\n\n"
+        "Reproduce (bundled model, trace-driven replay; about 20 minutes on 2 shared cores: recording the traces "
+        "about 7, the replays about 12, the engine check a few):\n\n"
         f"```\n{command}\n```\n\n(`--traces FILE` keeps the recorded traces between runs; one thread per process "
         "makes the recording deterministic and faster on a shared machine.)\n\n"
         "Each row replays the same prompts with the same seeds. `copy`: a miss waits for its copy over the link. "
@@ -310,7 +311,16 @@ def readme(md: str, command: str, link: str) -> str:
         "the same kernel runs on equal weights, so the tokens are bit-identical to `resident` in every mode (tested: "
         "tests/test_host_compute.py, and the engine rows above). On CUDA the host path is a CPU kernel: same weights, "
         "but its rounding may differ from the GPU kernel's in the last bits, so tokens may diverge after a near-tie; "
-        "that path was not run on a GPU in this round (no device was available).\n"
+        "that path was not run on a GPU in this round (no device was available).\n\n"
+        "## Limits of these figures\n\n"
+        "- The replay's host is one serial lane per stage (decode is bound by the host's memory bandwidth, so two "
+        "experts at once would each take twice as long); the device's layer time does not shrink when some of its "
+        "experts run on the host; the link's DMA does not slow the host's memory. Activations' round trip is a fixed "
+        "20 us.\n"
+        "- The real-engine rows are 2 prompts x 16 tokens on a shared 2-core CPU, in real time: their token check is "
+        "exact, their milliseconds are noisy and start from a cold cache (there `host-static` starts from its warm-up "
+        "placement); the table's figures are the replay's.\n"
+        "- `host-all` allocates its budget's slots but never fills them.\n"
     )
 
 
