@@ -190,7 +190,7 @@ class CompletionBody(GenerationBody):
                 raise ValueError("prompt is empty")
             return v
         if not isinstance(v, list):
-            raise ValueError(f"prompt must be {shapes}; got {_describe(v)}")
+            raise ValueError(f"prompt must be {shapes}; got {_describe(v)}")  # noqa: TRY004 (pydantic: a 400)
         if not v:
             raise ValueError("prompt is empty (an empty list)")
         if len(v) > MAX_PROMPTS and not all(type(x) is int for x in v):
