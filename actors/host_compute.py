@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
 from expertmap.actors.config import MISS_MODES, HostConfig
 from expertmap.actors.host_profiles import resolve
 

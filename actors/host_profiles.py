@@ -150,8 +150,8 @@ def resolve(host: HostConfig, link: str | None, stages: int = 1) -> HostConfig:
 def table(link: str = defaults.LINK) -> str:
     ref = LINK_PROFILES[link]
     rows = [
-        f"| profile | CPU | memory | GB/s | TFLOPS | crossover tokens | expert ms ({ref.model.name}, 1 token) | "
-        f"decode ratio (layer of {ref.gpu}) | link ratio |",
+        (f"| profile | CPU | memory | GB/s | TFLOPS | crossover tokens | expert ms ({ref.model.name}, 1 token) | "
+        f"decode ratio (layer of {ref.gpu}) | link ratio |"),
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for p in PROFILES.values():

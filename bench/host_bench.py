@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from expertmap.actors import defaults
 from expertmap.actors.config import Budget, EngineConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine
@@ -72,7 +71,7 @@ def record(args, model: Path):
     e = recorder.engine
     shape = (len(e.layers), e.num_experts, e.top_k)
     info = {"total_experts": len(e.host), "expert_bytes": e.host.expert_bytes, "all_keys": e.host.keys()}
-    sample = dict(do_sample=True, seed=args.seed)
+    sample = {"do_sample": True, "seed": args.seed}
     warm_t = recorder.record_all(warm, args.max_new_tokens, desc="warm-up traces", **sample)
     eval_t = recorder.record_all(evals, args.max_new_tokens, desc="evaluation traces", **sample)
     recorder.close()
@@ -135,7 +134,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     warm_t, eval_t, shape, info = record(args, model)
-    L, J, k = shape
+    L, J, _k = shape
     factory = PolicyFactory(build_store(warm_t, L, J, 1000, defaults.PREFETCH_DISTANCE), request_eams(warm_t, L, J),
                             shape, defaults.PREFETCH_DISTANCE)  # fmt: skip
     total, eb, keys, layer_s = info["total_experts"], info["expert_bytes"], info["all_keys"], info["layer_s"]
@@ -197,7 +196,7 @@ def report(results: dict, hosts, policies) -> str:
     cfg = results["config"]
     b = str(cfg["budget"])
     r = results["budget_sweep"][b]
-    base = r["on-demand copy"] if "on-demand copy" in r else None
+    base = r.get("on-demand copy", None)
     lines = [
         f"Replay of {cfg['eval_prompts']} prompts x {cfg['max_new_tokens']} tokens (store warmed from {cfg['warm_prompts']}), "
         f"budget {float(b):.0%}, link {cfg['link']} (copy = {cfg['copy_layer_ratio']:.1f} decode-layer times); host "
@@ -217,11 +216,11 @@ def report(results: dict, hosts, policies) -> str:
         vs = f"{_ms(row) / _ms(base):.2f}x" if base else ""
         lines.append(f"| {name} | {miss} | {host} | {row['hit_rate']:.3f} | {_ms(row):.2f} | {vs} | "
                      f"{row['ttft_s']['p50'] * 1e3:.1f} | {frac:.0%} | {row['host_busy_frac']:.0%} | {row['link_busy_frac']:.0%} |")  # fmt: skip
-    lines += ["", "Targets (budget %s):" % b, ""]
+    lines += ["", f"Targets (budget {b}):", ""]
     lines += targets(results, hosts)
     if results["engine"]:
-        lines += ["", "Real engine (emulated link and host, real time, "
-                  f"{cfg['engine_prompts']} prompts): tokens equal to `resident`'s:", "",
+        lines += ["", ("Real engine (emulated link and host, real time, "
+                  f"{cfg['engine_prompts']} prompts): tokens equal to `resident`'s:"), "",
                   "| run | tokens = resident | TPOT ms (noisy: shared CPU) | misses on host |", "| --- | :---: | ---: | ---: |"]  # fmt: skip
         for label, e in results["engine"].items():
             lines.append(f"| {label} | {'yes' if e['tokens_equal_resident'] else 'NO'} | {e['tpot_ms']:.1f} | {e['host_computed']} |")

@@ -141,6 +141,8 @@ class ReplayCache:
         A prefetch of another expert on the link pauses at its next chunk boundary (``resume``
         restarts it after the layer's misses); a prefetch of this very expert just completes.
         """
+        if key in self.resident:  # its prefetch landed while this layer's earlier misses loaded
+            return at
         if self.in_flight is not None:
             fkey, lands, is_prefetch = self.in_flight
             if fkey == key or not is_prefetch or self.ratio == 0:
@@ -316,7 +318,7 @@ class HostReplayCache(ReplayCache):
         return max(t, self.link_free) + self.ratio
 
     def _land(self):
-        key, lands, is_prefetch = self.in_flight
+        key, lands, _ = self.in_flight
         if key in self.background:  # a background copy of a host-computed expert: not a prediction
             self.background.discard(key)
             self.in_flight = (key, lands, False)

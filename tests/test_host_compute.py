@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
-
 from expertmap.actors.config import EngineConfig, HostConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine
 from expertmap.actors.host_compute import MissCostModel, check_miss_mode, host_units
@@ -17,6 +15,8 @@ from expertmap.actors.trace_recorder import IterationTrace, RequestTrace
 from expertmap.bench.simulator import HostReplayCache, host_cache, replay
 from expertmap.predictor.policies import PolicyInputs, make_policy
 from expertmap.predictor.policies.base import PolicyContext
+from pydantic import ValidationError
+
 from tests.test_lossless import NEW_TOKENS, reference_tokens
 from tests.tiny_models import save_tiny
 
@@ -211,6 +211,7 @@ def test_pipeline_stages_with_host_misses_share_the_node_and_match_the_engine(bu
     tokens; each stage's host is half the node's (its decode ratio doubled)."""
     from expertmap.actors.sampling import SamplingParams
     from expertmap.actors.shard import ShardRuntime, split_layers
+
     from tests.test_stage import NEW, run_pipeline
 
     tok = bundled_model.tokenizer

@@ -10,7 +10,6 @@ never copied. Ties go to the lower (layer, expert).
 from __future__ import annotations
 
 import numpy as np
-
 from expertmap.predictor.policies.base import Key, Policy
 
 
