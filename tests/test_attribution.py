@@ -137,3 +137,14 @@ def test_regime_lists_parse_and_name_a_bad_value():
     with pytest.raises(ValueError, match="'ratio:0'"):
         link_ratios(["ratio:0"])
     assert budget_slots("0.25", 128, 1000) == 32
+
+
+def test_a_miss_whose_prefetch_landed_meanwhile_is_not_loaded_again():
+    """A layer's later miss can land (its prefetch completes during an earlier miss's load):
+    loading it again would evict for nothing, or fail when the layer pins every slot."""
+    from expertmap.bench.simulator import ReplayCache
+
+    cache = ReplayCache(make({}, {A: 1, B: 2}), 2, 1.5)
+    cache.resident, cache.pins = {A, B}, {A, B}
+    assert cache.load_now(B, 3.0) == 3.0
+    assert cache.resident == {A, B}
