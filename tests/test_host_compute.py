@@ -259,3 +259,18 @@ def test_threaded_host_lane_computes_off_the_calling_thread_and_learns_its_time(
             failing.future.result(timeout=5)
     finally:
         lane.close()
+
+
+def test_serve_takes_miss_and_host_into_the_stages_engine_config():
+    from expertmap.cluster.cli import UsageError, _serve_plan, build_parser
+    from expertmap.cluster.serve_args import AppArgs, engine_config
+
+    args = build_parser().parse_args(["serve", "--miss", "auto", "--host", "server-ddr5-8ch"])
+    _, apps = _serve_plan(args)
+    app_args = apps[0][3]
+    assert app_args["miss"] == "auto" and app_args["host_profile"] == "server-ddr5-8ch"
+    assert app_args["host"] == "127.0.0.1"  # the HTTP host is another field
+    cfg = engine_config(AppArgs.model_validate(app_args))
+    assert cfg.miss == "auto" and cfg.host.decode_ratio == pytest.approx(host_config("server-ddr5-8ch").decode_ratio)
+    with pytest.raises(UsageError, match="miss mode 'never'"):
+        _serve_plan(build_parser().parse_args(["serve", "--miss", "never"]))
