@@ -389,6 +389,9 @@ class HostReplayCache(ReplayCache):
         cursor = t + per_expert * len(hits)
         host_end = t
         for key in misses:
+            if key in self.resident:  # its prefetch landed during the layer's earlier misses
+                cursor += per_expert
+                continue
             h = self.host_units(int(self._tokens.get(key[1], 1)))
             host_done = max(t, self.host_free) + h
             if self.mode == "host" or host_done < self._copy_lands(key, t):
