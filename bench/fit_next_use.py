@@ -3,10 +3,12 @@
     python -m expertmap.bench.fit_next_use --workload ../shared/data/workloads/dev_mix.jsonl \
         --out bench/results/issue12/fit.json
 
-The warm-up prompts are the bench's: the first ``--store-prompts + --fit-prompts`` of the 70%
-split (seed 0) of ``--workload``. The first ``--store-prompts`` fill the map store the searches
-run against; the model is fitted on the next ``--fit-prompts`` (so a search never finds the very
-iteration it is asked about). Writes the weights (``NextUseModel``) and the held-out log loss.
+The warm-up prompts are the bench's: the first ``--store-prompts + --fit-prompts +
+--holdout-prompts`` of the 70% split (seed 0) of ``--workload``. The first ``--store-prompts``
+fill the map store the searches run against; the model is fitted on the next ``--fit-prompts``
+(so a search never finds the very iteration it is asked about) and evaluated on the last
+``--holdout-prompts`` (store: every earlier prompt). Writes the weights (``NextUseModel``) and,
+per group, log loss, the base rate's log loss and ROC AUC on the fitting and held-out prompts.
 """
 
 from __future__ import annotations
@@ -30,16 +32,27 @@ def index_of(traces, num_layers, num_experts, capacity=1000, distance=3) -> Sear
     return SearchIndex(*store.arrays())
 
 
-def log_loss(model, traces, index, num_layers, num_experts) -> list[float]:
-    loss, n = np.zeros(len(GROUPS)), np.zeros(len(GROUPS))
+def evaluate(model, traces, index, num_layers, num_experts) -> dict:
+    """Per group: log loss, the base rate's log loss, and the ROC AUC of the model's probability."""
+    ps, ys = [[] for _ in GROUPS], [[] for _ in GROUPS]
     for state, label in walk(traces, index, num_layers, num_experts):
         x, group, _ = state.features()
-        p = np.clip(model.probability(x, group), 1e-4, 1 - 1e-4)
+        p = model.probability(x, group)
         for g in range(len(GROUPS)):
-            s = group == g
-            loss[g] += -(label[s] * np.log(p[s]) + (1 - label[s]) * np.log(1 - p[s])).sum()
-            n[g] += s.sum()
-    return [float(v) for v in loss / np.maximum(n, 1)]
+            ps[g].append(p[group == g])
+            ys[g].append(label[group == g])
+    out = {}
+    for g, name in enumerate(GROUPS):
+        p, y = np.clip(np.concatenate(ps[g]), 1e-4, 1 - 1e-4), np.concatenate(ys[g])
+        m = float(y.mean())
+        ranks = np.empty(len(p))
+        ranks[np.argsort(p, kind="stable")] = np.arange(len(p))
+        pos = y.sum()
+        auc = float((ranks[y == 1].sum() - pos * (pos - 1) / 2) / max(1.0, pos * (len(y) - pos)))
+        out[name] = {"rows": int(len(y)), "use_rate": m, "auc": auc,
+                     "log_loss": float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()),
+                     "base_log_loss": float(-(m * np.log(m) + (1 - m) * np.log(1 - m))) if 0 < m < 1 else 0.0}  # fmt: skip
+    return out
 
 
 def main(argv=None) -> int:
@@ -50,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", required=True, help="JSONL workload whose 70%% split gives the warm-up prompts")
     ap.add_argument("--store-prompts", type=int, default=240, help="warm-up prompts that fill the store (default 240)")
     ap.add_argument("--fit-prompts", type=int, default=60, help="warm-up prompts the model is fitted on (default 60)")
+    ap.add_argument("--holdout-prompts", type=int, default=40,
+                    help="further warm-up prompts it is evaluated on, with the store of all earlier ones (default 40)")
     ap.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS, help="new tokens per prompt")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and of the sampling (default 0)")
     ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="model folder (default: bundled)")
@@ -59,7 +74,7 @@ def main(argv=None) -> int:
                     "else recorded and written there")
     a = ap.parse_args(argv)
     warm, _ = split(load_workload(Path(a.workload)), 0.7, a.seed)
-    warm = warm[: a.store_prompts + a.fit_prompts]
+    warm = warm[: a.store_prompts + a.fit_prompts + a.holdout_prompts]
     cache = Path(a.traces) if a.traces else None
     if cache is not None and cache.exists():
         with open(cache, "rb") as f:
@@ -74,14 +89,17 @@ def main(argv=None) -> int:
             with open(cache, "wb") as f:
                 pickle.dump(traces, f)
     L, J = len(traces[0].iterations[0].probs), traces[0].iterations[0].probs[0].shape[1]
-    store_part, fit_part = traces[: a.store_prompts], traces[a.store_prompts :]
+    n_fit = a.store_prompts + a.fit_prompts
+    store_part, fit_part, holdout = traces[: a.store_prompts], traces[a.store_prompts : n_fit], traces[n_fit:]
     index = index_of(store_part, L, J)
     model = fit_next_use(fit_part, index, L, J)
     out = {
         "features": list(FEATURES), "groups": list(GROUPS),
         "weights": [[round(v, 4) for v in w] for w in model.weights],
-        "fit_log_loss": log_loss(model, fit_part, index, L, J),
+        "fit": evaluate(model, fit_part, index, L, J),
+        "holdout": evaluate(model, holdout, index_of(traces[:n_fit], L, J), L, J) if holdout else None,
         "workload": Path(a.workload).name, "store_prompts": a.store_prompts, "fit_prompts": a.fit_prompts,
+        "holdout_prompts": len(holdout),
         "max_new_tokens": a.max_new_tokens, "seed": a.seed,
     }  # fmt: skip
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
