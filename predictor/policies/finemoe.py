@@ -159,7 +159,8 @@ class FineMoE(Policy):
 
     def on_router(self, event: RouterEvent):
         probs = event.probs
-        self.planner.submit(("router", self.pos.iteration, event.layer, probs.float().mean(dim=0), probs[-1].float().clone(), event))
+        last = probs[-1].float().clone() if self._code_targets else None  # the code's trajectory query
+        self.planner.submit(("router", self.pos.iteration, event.layer, probs.float().mean(dim=0), last, event))
 
     def on_iteration_end(self, iteration):
         self.planner.submit(("end", iteration, None))
