@@ -1,0 +1,61 @@
+"""`hybrid`'s next-use estimate (predictor/next_use.py) and the decisions it drives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from expertmap.predictor.next_use import FEATURES, GROUPS, NextUseModel, NextUseState, _logistic
+from expertmap.predictor.policies.base import PolicyContext, Prefetch
+from expertmap.predictor.policies.hybrid import Hybrid, HybridTuning
+
+
+def test_groups_follow_the_position():
+    s = NextUseState(4, 3)
+    s.start(0, None, None, 1)
+    s.router(1, np.full(3, 1 / 3), np.array([0.7, 0.2, 0.1]))  # layer 1 computing, gate for layer 2
+    x, group, ahead = s.features()
+    assert x.shape == (12, len(FEATURES))
+    by_layer = group.reshape(4, 3)[:, 0].tolist()
+    assert by_layer == [2, 2, 0, 1]  # passed layers: next iteration; layer 2: the gate's; layer 3: later
+    assert ahead.reshape(4, 3)[:, 0].tolist() == [3, 4, 1, 2]
+    gate_col = FEATURES.index("gate")
+    assert x.reshape(4, 3, -1)[2, :, gate_col].tolist() == pytest.approx([0.7, 0.2, 0.1])
+
+
+def test_expected_time_grows_as_the_probability_falls():
+    weights = [[0.0] * len(FEATURES) for _ in GROUPS]
+    for w in weights:
+        w[FEATURES.index("ewma slow")] = 20.0
+        w[0] = -5.0
+    s = NextUseState(2, 2)
+    s.start(0, None, None, 1)
+    s.router(0, np.full(2, 0.5), None)
+    s.used(0, [0])  # expert (0, 0) used: ewma slow 0.1 -> p higher than (0, 1)'s
+    p, t = s.next_use(NextUseModel(tuple(tuple(w) for w in weights)))
+    assert p[0, 0] > p[0, 1] and t[0, 0] < t[0, 1]
+
+
+def test_model_shape_is_checked():
+    with pytest.raises(ValueError, match=f"{len(GROUPS)} x {len(FEATURES)}"):
+        NextUseModel(((1.0, 2.0),) * len(GROUPS))
+
+
+def test_logistic_recovers_the_sign_and_scale():
+    rng = np.random.default_rng(0)
+    x = np.column_stack([np.ones(4000), rng.normal(size=4000)])
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(0.5 + 2.0 * x[:, 1])))).astype(float)
+    w = _logistic(x, y, l2=1e-3, steps=30)
+    assert w[0] == pytest.approx(0.5, abs=0.15) and w[1] == pytest.approx(2.0, abs=0.25)
+
+
+def test_hybrid_evicts_the_latest_and_admits_only_an_earlier_prefetch():
+    h = Hybrid(PolicyContext(2, 2, 1, 2, synchronous=True, prefetch_distance=1, tuning=HybridTuning(margin=1.0)))
+    h._t = np.array([[3.0, 40.0], [10.0, 9.5]])
+    assert h.choose_victim([(0, 0), (0, 1), (1, 0)]) == (0, 1)
+    assert h.admit(Prefetch((1, 0), 1.0), (0, 1))  # 10 + 1 < 40
+    assert not h.admit(Prefetch((1, 0), 1.0), (1, 1))  # 10 + 1 > 9.5
+    assert h.admit(Prefetch((1, 0), 1.0), None)
+    with pytest.raises(ValueError, match="margin -1"):
+        HybridTuning(margin=-1)
+    h.close()
