@@ -1,7 +1,7 @@
 """The measured effect of each of FineMoE's code rules (docs/finemoe-fidelity.md): `finemoe` with the
 code's rules, the paper's, and the code's with one rule swapped for the paper's, in the replay.
 
-    python -m expertmap.bench.finemoe_fidelity --workload ../shared/data/workloads/dev_mix.jsonl \
+    python -m expertmap.bench.finemoe_fidelity --workload $WORKLOADS/dev_mix.jsonl \
         --out bench/results/issue12/finemoe_fidelity_dev.json
 
 Warm-up: the first ``--warm-limit`` prompts of the 70% split of ``--warm`` (default: of

@@ -1,6 +1,6 @@
 """Fit `hybrid`'s next-use model (predictor/next_use.py) on warm-up traces, never on evaluation ones.
 
-    python -m expertmap.bench.fit_next_use --workload ../shared/data/workloads/dev_mix.jsonl \
+    python -m expertmap.bench.fit_next_use --workload $WORKLOADS/dev_mix.jsonl \
         --out bench/results/issue12/fit.json
 
 The warm-up prompts are the bench's: the first ``--store-prompts + --fit-prompts +

@@ -1,3 +1,4 @@
+import os
 """Record traces once for issue-12 iteration: warm (dev_mix warm split 0..380), dev eval, other eval."""
 import pickle, sys, time
 from pathlib import Path
@@ -5,7 +6,7 @@ from expertmap.actors import defaults
 from expertmap.actors.trace_recorder import TraceRecorder
 from expertmap.cluster.workload import load_workload, split
 
-W = Path("/work/shared/data/workloads")
+W = Path(os.environ["WORKLOADS"])  # the folder of workload files
 recs = load_workload(W / "dev_mix.jsonl")
 warm, evals = split(recs, 0.7, 0)
 warm, dev_eval = warm[:380], evals[:80]

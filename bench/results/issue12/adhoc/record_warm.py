@@ -1,10 +1,11 @@
+import os
 import pickle, time, torch
 from pathlib import Path
 from expertmap.actors import defaults
 from expertmap.actors.trace_recorder import TraceRecorder
 from expertmap.cluster.workload import load_workload, split
 torch.set_num_threads(1)
-W = Path("/work/shared/data/workloads")
+W = Path(os.environ["WORKLOADS"])  # the folder of workload files
 warm, _ = split(load_workload(W / "dev_mix.jsonl"), 0.7, 0)
 warm = warm[:380]
 rec = TraceRecorder(defaults.BUNDLED_MODEL, "cpu")
