@@ -181,9 +181,8 @@ class ReplayCache:
         each expert's tokens from it)."""
 
     # --- one layer ----------------------------------------------------------------------------
-    def run_layer(self, layer: int, experts: list[int], t: float, compute: float) -> float:
-        """Access a layer's experts at time t; return when the layer has finished computing."""
-        self.advance(t)
+    def _access(self, layer: int, experts: list[int]) -> tuple[list[Key], list[Key]]:
+        """Count the layer's accesses, tell the policy, pin them; (hits, misses) in order."""
         hits, misses = [], []
         for e in experts:
             key = (layer, e)
@@ -192,12 +191,15 @@ class ReplayCache:
             self.unused_prefetch.discard(key)
             self.policy.on_access(key, hit)
             self.pins.add(key)
-            if hit:
-                hits.append(key)
-            else:
-                if self.in_flight is not None and self.in_flight[0] == key and self.in_flight[2]:
-                    self.late_prefetch.add(key)
-                misses.append(key)
+            (hits if hit else misses).append(key)
+        return hits, misses
+
+    def run_layer(self, layer: int, experts: list[int], t: float, compute: float) -> float:
+        """Access a layer's experts at time t; return when the layer has finished computing."""
+        self.advance(t)
+        hits, misses = self._access(layer, experts)
+        if self.in_flight is not None and self.in_flight[2] and self.in_flight[0] in misses:
+            self.late_prefetch.add(self.in_flight[0])  # its prefetch was on the link at the access
         per_expert = compute / max(1, len(experts))
         cursor = t + per_expert * len(hits)
         for key in misses:
@@ -373,18 +375,7 @@ class HostReplayCache(ReplayCache):
 
     def run_layer(self, layer, experts, t, compute):
         self.advance(t)
-        hits, misses = [], []
-        for e in experts:
-            key = (layer, e)
-            hit = key in self.resident
-            self.stats.count_access(hit, key in self.unused_prefetch)
-            self.unused_prefetch.discard(key)
-            self.policy.on_access(key, hit)
-            self.pins.add(key)
-            if hit:
-                hits.append(key)
-            else:
-                misses.append(key)
+        hits, misses = self._access(layer, experts)
         per_expert = compute / max(1, len(experts))
         cursor = t + per_expert * len(hits)
         host_end = t
