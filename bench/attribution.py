@@ -31,7 +31,7 @@ counts its true experts: recall measures coverage too).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 

@@ -1,8 +1,8 @@
 """Replay experiments for issue 12 on cached traces."""
-import argparse, dataclasses, json, pickle, sys, time
+import argparse, dataclasses, pickle, time
 import numpy as np
 from expertmap.bench.run import build_store, PolicyFactory, request_eams
-from expertmap.bench.simulator import access_trace, replay, summarize_units
+from expertmap.bench.simulator import access_trace, replay
 from expertmap.bench.attribution import attributed_replay
 from expertmap.predictor.policies import make_policy
 

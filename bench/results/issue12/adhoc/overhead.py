@@ -1,4 +1,4 @@
-import sys, pickle; sys.path.insert(0, "/tmp/em12")
+import sys; sys.path.insert(0, "/tmp/em12")
 from exp import setup
 from expertmap.actors.config import Budget, EngineConfig
 from expertmap.actors.engine import OffloadEngine
