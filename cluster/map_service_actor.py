@@ -87,6 +87,9 @@ def map_service(shape: dict, redis_url: str | None, namespace: str = "expertmap"
 class ServiceStoreClient:
     """What a stage's ``StoreReplica`` reads, backed by the service actor."""
 
+    #: ``add`` only submits an actor call (returns at once): no publishing thread is needed
+    adds_asynchronously = True
+
     def __init__(self, handle, sync_interval_s: float = 1.0, timeout_s: float = 5.0):
         self.handle = handle
         self.sync_interval_s = sync_interval_s

@@ -47,7 +47,12 @@ class StoreReplica:
         self.store.add(embedding, expert_map)
 
     def publish_later(self, embedding: np.ndarray, expert_map: np.ndarray, maxsize: int = 256) -> None:
-        """``publish`` on a background thread (off the critical path); a full outbox drops the map."""
+        """``publish`` off the critical path: at once when the store's ``add`` returns at once
+        (``adds_asynchronously``, e.g. the map-service client, keeping the maps in order), else on
+        a background thread; a full outbox drops the map."""
+        if getattr(self.store, "adds_asynchronously", False):
+            self.publish(embedding, expert_map)
+            return
         with self._lock:
             if self._outbox is None:
                 self._outbox = queue.Queue(maxsize=maxsize)
