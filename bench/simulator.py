@@ -194,6 +194,17 @@ class ReplayCache:
             (hits if hit else misses).append(key)
         return hits, misses
 
+    def _copy_miss(self, key: Key, t: float, cursor: float, per_expert: float) -> float:
+        """A miss that waits for its copy: loaded on demand at ``t`` (a paused prefetch of it
+        resumes), the wait beyond ``cursor`` counted as stall; when the expert has computed."""
+        if self.paused is not None and self.paused[0] == key:
+            self.resume()  # promoted: the paused prefetch is what this miss waits for
+        lands = self.load_now(key, t)
+        if lands > cursor:
+            self.stats.stall_s += lands - cursor  # in layer units here
+            cursor = lands
+        return cursor + per_expert
+
     def run_layer(self, layer: int, experts: list[int], t: float, compute: float) -> float:
         """Access a layer's experts at time t; return when the layer has finished computing."""
         self.advance(t)
@@ -203,13 +214,7 @@ class ReplayCache:
         per_expert = compute / max(1, len(experts))
         cursor = t + per_expert * len(hits)
         for key in misses:
-            if self.paused is not None and self.paused[0] == key:
-                self.resume()  # promoted: the paused prefetch is what this miss waits for
-            lands = self.load_now(key, t)
-            if lands > cursor:
-                self.stats.stall_s += lands - cursor  # in layer units here
-                cursor = lands
-            cursor += per_expert
+            cursor = self._copy_miss(key, t, cursor, per_expert)
         self.resume()
         self.pins.clear()
         return max(cursor, t + compute)
@@ -398,13 +403,7 @@ class HostReplayCache(ReplayCache):
                 continue
             if self.in_flight is not None and self.in_flight[0] == key and self.in_flight[2]:
                 self.late_prefetch.add(key)
-            if self.paused is not None and self.paused[0] == key:
-                self.resume()  # promoted: the paused prefetch is what this miss waits for
-            lands = self.load_now(key, t)
-            if lands > cursor:
-                self.stats.stall_s += lands - cursor  # in layer units here
-                cursor = lands
-            cursor += per_expert
+            cursor = self._copy_miss(key, t, cursor, per_expert)
         self.resume()
         self.pins.clear()
         end = max(cursor, t + compute)
