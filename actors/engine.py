@@ -52,8 +52,6 @@ class OffloadEngine:
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.model.config.eos_token_id
         self.eos_ids = set([eos] if isinstance(eos, int) else list(eos or []))
         self._ids = itertools.count()
-        if rt.bandwidth:
-            self.reset()  # the calibration's figures are not the run's
 
     def subscribe(self, listener) -> None:
         self.runtime.subscribe(listener)
