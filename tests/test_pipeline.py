@@ -146,6 +146,11 @@ def test_redis_stopped_and_restarted_under_load_loses_no_map(ray_cluster, prompt
         redis_server.stop()
         try:  # serving goes on with Redis down; the new maps wait in the service
             assert pipe.generate(prompts[2:4], GREEDY, timeout=120) == reference["greedy"][2:4]
+            # the last stage submits its maps as fire-and-forget actor calls: calls from the stage and
+            # from this driver are not ordered, so wait (bounded) for the last one to arrive
+            deadline = time.monotonic() + 10
+            while ray.get(service.status.remote())["pending"] < 2 * GREEDY.max_new_tokens and time.monotonic() < deadline:
+                time.sleep(0.1)
             during = ray.get(service.status.remote())
             assert not during["connected"] and during["pending"] == 2 * GREEDY.max_new_tokens
         finally:
