@@ -77,6 +77,17 @@ class ReplayCache:
             self.policy.on_insert(key, prefetched=False)
 
     # --- link ---------------------------------------------------------------------------------
+    def _start_planned(self, start: float, started: set[Key]) -> None:
+        """Start the policy's best wanted prefetch at ``start`` if it may come in now; a better
+        one that cannot come in blocks the worse ones (as the cache's link worker does)."""
+        for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
+            if self.contains(want.key) or (self.ratio == 0 and want.key in started):
+                continue
+            if self._make_room(want.key, want):
+                self._start(want.key, start, True)
+                started.add(want.key)
+            break
+
     def _land(self) -> None:
         key, _, is_prefetch = self.in_flight
         self.in_flight = None
@@ -124,13 +135,7 @@ class ReplayCache:
             if start >= until or not self.policy.ctx.prefetch:
                 self.link_free = max(self.link_free, until)
                 return
-            for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
-                if self.contains(want.key) or (self.ratio == 0 and want.key in started):
-                    continue
-                if self._make_room(want.key, want):
-                    self._start(want.key, start, True)
-                    started.add(want.key)
-                break
+            self._start_planned(start, started)
             if self.in_flight is None:  # nothing admissible now: idle until the next event
                 self.link_free = until
                 return
@@ -345,13 +350,7 @@ class HostReplayCache(ReplayCache):
                 self.link_free = max(self.link_free, until)
                 return
             if self.policy.ctx.prefetch:
-                for want in sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority):
-                    if self.contains(want.key) or (self.ratio == 0 and want.key in started):
-                        continue
-                    if self._make_room(want.key, want):
-                        self._start(want.key, start, True)
-                        started.add(want.key)
-                    break
+                self._start_planned(start, started)
             while self.in_flight is None and self.host_recent:
                 key = next(reversed(self.host_recent))
                 del self.host_recent[key]
