@@ -15,8 +15,13 @@ test:
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 # The training corpus and the card's prompt workload are not part of the project: name them,
-# e.g. make train-model CORPUS=/data/corpus WORKLOAD=/data/workloads/dev_mix.jsonl
-train-model:        ## re-train the bundled model (about 45 minutes on 2 CPU cores) and rewrite its card
+# e.g. make train-model CORPUS=/data/corpus WORKLOAD=/data/workloads/dev_mix.jsonl [MODEL=expertmap-moe-fine]
+MODEL ?= expertmap-moe-tiny
+TRAIN_FLAGS_expertmap-moe-tiny := --arch mixtral --experts 16 --top-k 2 --layers 8 --expert-hidden 256 --minutes 45
+TRAIN_FLAGS_expertmap-moe-fine := --arch qwen2_moe --experts 64 --top-k 4 --layers 12 --expert-hidden 48 \
+	--shared-expert-hidden 128 --balance-coef 0.04 --minutes 85 --save-dtype bfloat16
+train-model:        ## re-train a bundled model (tiny: about 45 minutes on 2 CPU cores, fine: 85) and rewrite its card
 	@[ -n "$(CORPUS)" ] && [ -n "$(WORKLOAD)" ] || { echo "make train-model: set CORPUS=DIR (.txt training files) and WORKLOAD=FILE (JSONL prompts)" >&2; exit 2; }
-	$(PY) models/train.py --corpus "$(CORPUS)" --minutes 45 --out models/expertmap-moe-tiny
-	$(PY) models/card.py --workload "$(WORKLOAD)" --model models/expertmap-moe-tiny
+	@[ -n "$(TRAIN_FLAGS_$(MODEL))" ] || { echo "make train-model: MODEL=$(MODEL) is not a bundled model (expertmap-moe-tiny, expertmap-moe-fine)" >&2; exit 2; }
+	$(PY) models/train.py --corpus "$(CORPUS)" $(TRAIN_FLAGS_$(MODEL)) --out models/$(MODEL)
+	$(PY) models/card.py --workload "$(WORKLOAD)" --model models/$(MODEL)

@@ -61,10 +61,14 @@ class Budget(BaseModel):
 
 
 def require_model_folder(path: str | Path) -> Path:
-    """``path`` as a Path if it is a Hugging Face model folder (has config.json), else ValueError."""
+    """The model folder ``path`` names: a bundled model's name (``defaults.BUNDLED_MODELS``) or a
+    Hugging Face model folder (has config.json); ValueError naming the bad value otherwise."""
+    if str(path) in defaults.BUNDLED_MODELS and not Path(path).exists():
+        path = defaults.BUNDLED_MODELS[str(path)]
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"model folder {str(path)!r} does not exist or is not a folder")
+        names = ", ".join(defaults.BUNDLED_MODELS)
+        raise ValueError(f"model {str(path)!r} is neither a folder nor a bundled model name ({names})")
     if not (folder / "config.json").exists():
         raise ValueError(f"model folder {str(path)!r} has no config.json: not a Hugging Face model folder")
     return folder

@@ -10,8 +10,14 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-#: The bundled model, shipped as package data of ``expertmap.models`` (see docs/bundled-model.md).
-BUNDLED_MODEL = Path(str(files("expertmap.models") / "expertmap-moe-tiny"))
+#: The bundled models by name, shipped as package data of ``expertmap.models``
+#: (docs/bundled-model.md): ``--model NAME`` takes either name or a model folder.
+BUNDLED_MODELS = {
+    "expertmap-moe-tiny": Path(str(files("expertmap.models") / "expertmap-moe-tiny")),  # Mixtral, 16 experts, top-2
+    "expertmap-moe-fine": Path(str(files("expertmap.models") / "expertmap-moe-fine")),  # Qwen2-MoE, 64 experts, top-4
+}
+#: The default model (the quickstart's): the 16-expert one.
+BUNDLED_MODEL = BUNDLED_MODELS["expertmap-moe-tiny"]
 #: Link profile: the FineMoE paper's testbed, Mixtral-8x7B on an RTX 3090 over PCIe 4.0
 #: (expertmap.actors.link_profiles; docs/link-and-host-models.md).
 LINK = "rtx3090-pcie4-mixtral"

@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from expertmap.actors import defaults
-from expertmap.actors.config import Budget
+from expertmap.actors.config import Budget, require_model_folder
 from expertmap.actors.link_profiles import link_config
 from expertmap.bench.paths import DEFAULT_WORKLOAD
 from expertmap.cluster.cli import UsageError, _positive, _workload
@@ -39,11 +39,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "a comma list runs the replay at each (the regime grid, results.json 'grid'), the first is the main run")
     b.add_argument("--budgets", default=None,
                    help="comma list of budgets for the regime grid (each --link x each of these; default: --budget only)")
+    b.add_argument("--grid-only", action="store_true",
+                   help="skip the budget and prefetch-distance sweeps: the main rows and the regime grid only")
     b.add_argument("--gpus", type=int, default=None,
                    help="run the policies on the Ray pipeline with N stages (real time) instead of the replay + engine run")
     b.add_argument("--concurrency", type=int, default=8, help="clients in flight for --gpus runs (default 8)")
     b.add_argument("--out", default=DEFAULT_OUT, help=f"folder for results.json, results.md, outputs.jsonl and plots (default {DEFAULT_OUT})")
-    b.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="Hugging Face MoE model folder (default: bundled)")
+    b.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
     b.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
                    help=f"new tokens per prompt (default {defaults.MAX_NEW_TOKENS})")
     b.add_argument("--greedy", action="store_true", help="greedy decoding (default: seeded sampling)")
@@ -137,7 +139,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     workload = _workload(args.workload)
     warm = _workload(args.warm) if args.warm else None
     common = dict(
-        workload=workload, warm=warm, out=Path(args.out), model=Path(args.model), limit=_positive("--limit", args.limit),
+        workload=workload, warm=warm, out=Path(args.out), model=require_model_folder(args.model), limit=_positive("--limit", args.limit),
         warm_limit=_positive("--warm-limit", args.warm_limit), policies=policies, budget=args.budget, link=args.link,
         max_new_tokens=_positive("--max-new-tokens", args.max_new_tokens), greedy=args.greedy, seed=args.seed,
         prefetch_distance=_positive("--prefetch-distance", args.prefetch_distance), device=args.device,
@@ -152,8 +154,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from expertmap.bench.run import BenchConfig, run
 
+    sweeps = dict(budgets=(), distances=()) if args.grid_only else {}
     cfg = BenchConfig(engine_prompts=engine_prompts, embedding=args.embedding, miss=args.miss, host=args.host,
-                      grid_budgets=grid_budgets, **common)  # fmt: skip
+                      grid_budgets=grid_budgets, **sweeps, **common)  # fmt: skip
     run(cfg)
     print(f"wrote {cfg.out}/results.json, results.md, outputs.jsonl and plots")
     print((cfg.out / "results.md").read_text())

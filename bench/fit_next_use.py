@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from expertmap.actors import defaults
+from expertmap.actors.config import require_model_folder
 from expertmap.predictor.next_use import FEATURES, GROUPS, fit_next_use, walk
 from expertmap.predictor.search import SearchIndex
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
                     help="further warm-up prompts it is evaluated on, with the store of all earlier ones (default 40)")
     ap.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS, help="new tokens per prompt")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and of the sampling (default 0)")
-    ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="model folder (default: bundled)")
+    ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), type=require_model_folder, help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
     ap.add_argument("--out", required=True, help="JSON file for the weights")
     ap.add_argument("--traces", default=None,
                     help="pickle of the recorded warm-up traces (list of RequestTrace, split order): read if it exists, "

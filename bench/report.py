@@ -175,11 +175,12 @@ def write_report(results: dict, out: Path) -> None:
         ]
     lines += host_lines(results)
     lines += grid_lines(results)
-    lines += [
-        "![hit rate vs budget](hit_rate_vs_budget.png) ![hit rate vs distance](hit_rate_vs_distance.png) "
-        "![TPOT vs budget](tpot_vs_budget.png)",
-        "",
-    ]
+    if results.get("budget_sweep") or results.get("distance_sweep"):  # none with --grid-only
+        lines += [
+            "![hit rate vs budget](hit_rate_vs_budget.png) ![hit rate vs distance](hit_rate_vs_distance.png) "
+            "![TPOT vs budget](tpot_vs_budget.png)",
+            "",
+        ]
     (out / "results.md").write_text("\n".join(lines))
     plot_all(results, out)
 
@@ -192,6 +193,8 @@ def plot_all(results: dict, out: Path) -> None:
 
     def sweep(key: str, metric, xlabel: str, ylabel: str, name: str):
         data = results[key]
+        if not data:  # --grid-only: no sweep was run
+            return
         xs = sorted(data, key=float)
         policies = sorted({p for x in xs for p in data[x]})
         fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -93,6 +93,8 @@ class AppArgs(BaseModel):
     @property
     def model_path(self) -> Path:
         p = Path(self.model).expanduser()
+        if self.model in defaults.BUNDLED_MODELS and not p.exists():
+            return defaults.BUNDLED_MODELS[self.model]
         return p if p.is_absolute() else REPO_ROOT / p
 
     @property

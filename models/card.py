@@ -120,7 +120,7 @@ def plot_loss(log: dict, path: Path) -> None:
     ax.set_ylabel("nats / token")
     ax.set_ylim(0, max(ce[0] if ce else 10, log["unigram_val_loss"]) + 0.5)
     ax.legend()
-    ax.set_title("Bundled MoE: training loss")
+    ax.set_title(f"{path.parent.name}: training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -138,7 +138,7 @@ def plot_usage(trained: dict, random: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(12, 3.0 * rows))
     for ax, c in zip(axes.flat, cats):
         u = np.array(trained["usage"][c])  # [L, J]
-        im = ax.imshow(u, aspect="auto", cmap="viridis", vmin=0, vmax=max(0.2, u.max()))
+        im = ax.imshow(u, aspect="auto", cmap="viridis", vmin=0, vmax=max(3.2 / u.shape[1], u.max()))
         ax.set_title(f"{c}: expert usage (trained)")
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
@@ -155,24 +155,23 @@ def plot_usage(trained: dict, random: dict, path: Path) -> None:
     plt.close(fig)
 
 
-CARD = """# expertmap-moe-tiny
+CARD = """# {name}
 
-The small Mixture-of-Experts language model that ships with ExpertMap, so that everything runs
-offline on a CPU. It is a real `MixtralForCausalLM` (transformers' own class), trained here from
+{intro} It is a real `{cls}` (transformers' own class), trained here from
 scratch on a 14.6 MB corpus of public prose, code and math (docs/bundled-model.md in the ExpertMap
 repository lists its sources), with a byte-level BPE tokenizer trained on the same text.
 
 | | |
 | --- | --- |
-| architecture | Mixtral: {layers} decoder layers, hidden {hidden}, {heads} heads ({kv} KV heads), {experts} routed experts per layer of FFN size {ffn}, top-{top_k}, tied embeddings |
-| parameters | {params:.2f} M ({expert_params:.2f} M in routed experts); {size_mb:.1f} MB safetensors, float32 |
+| architecture | {family}: {layers} decoder layers, hidden {hidden}, {heads} heads ({kv} KV heads), {experts} routed experts per layer of FFN size {ffn}{shared}, top-{top_k}, tied embeddings |
+| parameters | {params:.2f} M ({expert_params:.2f} M in routed experts); {size_mb:.1f} MB safetensors, {dtype} |
 | tokenizer | byte-level BPE, {vocab} tokens, trained on the training split only; chat template `<|role|>` ... `<|eos|>` |
 | training | {steps} steps x {batch} x {seq} tokens = {seen:.1f} M tokens ({epochs:.1f} passes over {avail:.1f} M), {minutes:.0f} min on 2 CPU cores |
 | load balancing | per-layer Switch-style balance loss (coefficient {bal}), averaged over layers, + router z-loss |
 
-Reproduce: `python models/train.py --corpus CORPUS --minutes 45 --out models/expertmap-moe-tiny`
-then `python models/card.py --workload dev_mix.jsonl --model models/expertmap-moe-tiny` (this card
-and its figures), or `make train-model CORPUS=... WORKLOAD=...`.
+Reproduce: `python models/train.py --corpus CORPUS {train_flags} --out models/{name}`
+then `python models/card.py --workload dev_mix.jsonl --model models/{name}` (this card
+and its figures), or `make train-model MODEL={name} CORPUS=... WORKLOAD=...`.
 
 ## Loss
 
@@ -204,6 +203,9 @@ share one expert takes in a layer:
 | entropy, random init (bits) | {ent_random} |
 | top expert share, trained | {share_trained} |
 
+Lowest layer entropy: {min_entropy_share:.2f} of the maximum; experts never selected in any
+category: {dead}.
+
 How far apart the categories' expert usage is (Jensen-Shannon divergence of the per-layer usage
 distributions, averaged over layers, in bits):
 
@@ -219,6 +221,22 @@ with different vocabularies differ too). {verdict}
 
 ![per-category expert usage](category_usage.png)
 """
+
+
+FAMILY = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE"}
+INTRO = {
+    "mixtral": "The small Mixture-of-Experts language model that ships with ExpertMap, so that everything "
+    "runs\noffline on a CPU: few large experts, top-2, like Mixtral.",
+    "qwen2_moe": "The fine-grained Mixture-of-Experts model that ships with ExpertMap beside expertmap-moe-tiny:\n"
+    "many small routed experts, top-4, and a gated shared expert, the shape of Qwen1.5-MoE.",
+}
+#: train.py flags the card does not repeat (paths, or the same for every bundled model).
+_NOT_REPEATED = {"corpus", "out", "max_steps", "seed"}
+
+
+def train_flags(args: dict) -> str:
+    """train.py's flags as the training log recorded them, for the card's reproduce line."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if k not in _NOT_REPEATED)
 
 
 def main() -> None:
@@ -252,14 +270,23 @@ def main() -> None:
     plot_usage(trained, random, args.model / "category_usage.png")
     (args.model / "card.json").write_text(json.dumps({"trained": trained, "random_init": random}, indent=1))
 
+    num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    ffn = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    shared = getattr(cfg, "shared_expert_intermediate_size", None)
+    usage_all = sum(c.sum(axis=0) for c in trained_counts.values())  # [L, J] selections over every category
     n_params = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     L = cfg.num_hidden_layers
     fmt = lambda xs, f: " | ".join(f.format(x) for x in xs)  # noqa: E731
     tr = log["args"]
     card = CARD.format(
+        name=args.model.name, intro=INTRO.get(cfg.model_type, ""), cls=type(model).__name__,
+        family=FAMILY.get(cfg.model_type, cfg.model_type), dtype=str(cfg.dtype).removeprefix("torch."),
+        shared=f" plus one gated shared expert of FFN size {shared}" if shared else "",
+        train_flags=train_flags(tr), min_entropy_share=min(trained["per_layer_entropy_bits"]) / math.log2(num_experts),
+        dead=int((usage_all == 0).sum()),
         layers=L, hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv=cfg.num_key_value_heads,
-        experts=cfg.num_local_experts, ffn=cfg.intermediate_size, top_k=cfg.num_experts_per_tok,
+        experts=num_experts, ffn=ffn, top_k=cfg.num_experts_per_tok,
         params=n_params / 1e6, expert_params=expert_params / 1e6,
         size_mb=(args.model / "model.safetensors").stat().st_size / 1e6, vocab=len(tokenizer),
         steps=log["train_steps"], batch=tr["batch"], seq=tr["seq"], seen=log["train_tokens_seen"] / 1e6,
@@ -267,7 +294,7 @@ def main() -> None:
         minutes=log["train_seconds"] / 60, bal=tr["balance_coef"],
         val=log["val_loss_mean"], unigram=log["unigram_val_loss"], gain=1 - log["val_loss_mean"] / log["unigram_val_loss"],
         per_file="\n".join(f"| {k} | {v:.3f} |" for k, v in log["val_loss_per_file"].items()),
-        per_cat=args.per_category, max_tokens=MAX_PROMPT_TOKENS, max_entropy=math.log2(cfg.num_local_experts),
+        per_cat=args.per_category, max_tokens=MAX_PROMPT_TOKENS, max_entropy=math.log2(num_experts),
         layer_header=" | ".join(str(i) for i in range(L)), layer_rule=" | ".join("---:" for _ in range(L)),
         ent_trained=fmt(trained["per_layer_entropy_bits"], "{:.2f}"),
         ent_random=fmt(random["per_layer_entropy_bits"], "{:.2f}"),

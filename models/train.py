@@ -116,17 +116,18 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return torch.stack([torch.logsumexp(lg.float(), dim=-1).pow(2).mean() for lg in router_logits]).mean()
 
 
-def build_model(vocab_size: int, args):
-    from transformers import MixtralConfig, MixtralForCausalLM
+ARCHITECTURES = ("mixtral", "qwen2_moe")
 
-    config = MixtralConfig(
+
+def build_model(vocab_size: int, args):
+    """A fresh model of the chosen family: Mixtral (top-k of few large experts) or Qwen2-MoE
+    (many small routed experts plus one gated shared expert, as in Qwen1.5-MoE)."""
+    common = dict(
         vocab_size=vocab_size,
         hidden_size=args.hidden,
-        intermediate_size=args.expert_hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=max(1, args.heads // 2),
-        num_local_experts=args.experts,
         num_experts_per_tok=args.top_k,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
@@ -135,9 +136,23 @@ def build_model(vocab_size: int, args):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
-        rope_theta=10000.0,
     )
-    return MixtralForCausalLM(config)
+    if args.arch == "mixtral":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        config = MixtralConfig(intermediate_size=args.expert_hidden, num_local_experts=args.experts,
+                               rope_theta=10000.0, **common)
+        return MixtralForCausalLM(config)
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(
+        intermediate_size=args.shared_expert_hidden,  # the (unused) dense MLP size; no layer is dense
+        moe_intermediate_size=args.expert_hidden,
+        shared_expert_intermediate_size=args.shared_expert_hidden,
+        num_experts=args.experts,
+        **common,
+    )
+    return Qwen2MoeForCausalLM(config)
 
 
 def sample_batch(stream: np.ndarray, batch: int, seq: int, rng: np.random.Generator) -> torch.Tensor:
@@ -167,9 +182,13 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=None, help="folder of UTF-8 .txt training files (required)")
     ap.add_argument("--out", type=Path, default=BUNDLED_MODEL,
                     help="folder to write the tokenizer, checkpoint and training log into")
+    ap.add_argument("--arch", choices=ARCHITECTURES, default="mixtral",
+                    help="model family: mixtral (the bundled expertmap-moe-tiny) or qwen2_moe (expertmap-moe-fine)")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--expert-hidden", type=int, default=256)
+    ap.add_argument("--expert-hidden", type=int, default=256, help="each routed expert's intermediate size")
+    ap.add_argument("--shared-expert-hidden", type=int, default=128,
+                    help="qwen2_moe only: the shared expert's intermediate size")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--experts", type=int, default=16)
@@ -182,6 +201,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock training budget")
     ap.add_argument("--max-steps", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="dtype of the written checkpoint (training is float32 either way)")
     args = ap.parse_args()
     if args.corpus is None or not args.corpus.is_dir():
         what = "--corpus DIR is required" if args.corpus is None else f"--corpus {str(args.corpus)!r} is not a folder"
@@ -263,7 +284,7 @@ def main() -> None:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     model.config._experts_implementation = None
-    model.save_pretrained(args.out)
+    model.to(getattr(torch, args.save_dtype)).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     (args.out / "training_log.json").write_text(json.dumps(log, indent=1))
     logger.info("saved to %s; held-out loss %.3f vs unigram %.3f", args.out, log["val_loss_mean"], unigram)

@@ -53,10 +53,14 @@ class NextUseModel:
         if len(self.weights) != len(GROUPS) or any(len(w) != len(FEATURES) for w in self.weights):
             shape = [len(w) for w in self.weights]
             raise ValueError(f"NextUseModel needs {len(GROUPS)} x {len(FEATURES)} weights, got {shape}")
+        object.__setattr__(self, "_w", np.asarray(self.weights, dtype=np.float64))  # [G, F], once
 
     def probability(self, x: np.ndarray, group: np.ndarray) -> np.ndarray:
-        w = np.asarray(self.weights, dtype=np.float64)  # [G, F]
-        return _sigmoid(np.einsum("nf,nf->n", x, w[group]))
+        return _sigmoid(np.einsum("nf,nf->n", x, self._w[group]))
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """[N, G]: every group's probability for every row of ``x`` [N, F], in one product."""
+        return _sigmoid(x @ self._w.T)
 
 
 class NextUseState:
@@ -159,9 +163,10 @@ class NextUseState:
     def next_use(self, model: NextUseModel) -> tuple[np.ndarray, np.ndarray]:
         """(p, expected layers to next use), both [L, J]."""
         x, group, ahead = self.features()
-        p = np.clip(model.probability(x, group), EPS, 1 - 1e-6)
+        every = np.clip(model.probabilities(x), EPS, 1 - 1e-6)  # [L*J, G]
+        p = every[np.arange(len(group)), group]
         # after a pass it misses, each later pass is a trial at the next-iteration model's rate q
-        q = np.where(group == 2, p, np.clip(model.probability(x, np.full_like(group, 2)), EPS, 1 - 1e-6))
+        q = every[:, 2]
         t = ahead + (1.0 - p) * self.L / q
         return p.reshape(self.L, self.J), t.reshape(self.L, self.J)
 
