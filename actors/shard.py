@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +188,8 @@ class ShardRuntime:
         self.bytes_read += self.host.total_bytes
         self.num_slots, self.budget_bytes = slots_for_budget(config, self.host, self.top_k)
         inputs = inputs or PolicyInputs()
+        if inputs.tuning is None:  # the policy's settings shipped with this model, if any
+            inputs = replace(inputs, tuning=policy_class(config.policy).tuning_for_model(folder))
         self.replica = inputs.replica
         self.publish = inputs.publish and spec.last  # the last stage publishes each request's finished map
         owned = None if len(self.moe) == self.num_moe_layers else tuple(m.index for m in self.moe)

@@ -117,8 +117,9 @@ def request_eams(traces: list[RequestTrace], num_layers: int, num_experts: int) 
 class PolicyFactory:
     """Builds each policy with what it needs: the oracle its trace, map policies a store replica."""
 
-    def __init__(self, store, eams, shape, distance):
+    def __init__(self, store, eams, shape, distance, model: Path | None = None):
         self.store, self.eams, self.shape, self.distance = store, eams, shape, distance
+        self.model = model  # its folder: policies take the settings it ships (Policy.tuning_for_model)
 
     def inputs(self, name: str, trace, synchronous: bool, distance: int | None = None) -> PolicyInputs:
         """What policy ``name`` needs, by its class's flags (each its own copy of the store)."""
@@ -130,6 +131,7 @@ class PolicyFactory:
             eams=self.eams.copy() if cls.needs_eams else None,
             synchronous=synchronous,
             usage=self.eams.sum(axis=0) if cls.needs_usage else None,  # warm-up selections per expert
+            tuning=cls.tuning_for_model(self.model) if self.model is not None else None,
         )
 
     def make(self, name, slots, prefetch, trace, distance=None):
@@ -306,7 +308,7 @@ def run(cfg: BenchConfig) -> dict:
     probe.close()
 
     store = build_store(warm_traces, L, J, cfg.store_capacity, cfg.prefetch_distance)
-    factory = PolicyFactory(store, request_eams(warm_traces, L, J), (L, J, k), cfg.prefetch_distance)
+    factory = PolicyFactory(store, request_eams(warm_traces, L, J), (L, J, k), cfg.prefetch_distance, cfg.model)
     slots_of = lambda b: min(total_experts, int(b * total_experts))  # noqa: E731
     main_budget = Budget.parse(cfg.budget).resolve(total_experts * expert_bytes) // expert_bytes
     rows = variants(cfg.policies)

@@ -24,7 +24,9 @@ and runs on the policy's background planner.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +56,16 @@ class NextUseModel:
             shape = [len(w) for w in self.weights]
             raise ValueError(f"NextUseModel needs {len(GROUPS)} x {len(FEATURES)} weights, got {shape}")
         object.__setattr__(self, "_w", np.asarray(self.weights, dtype=np.float64))  # [G, F], once
+
+    @classmethod
+    def from_file(cls, path: Path) -> "NextUseModel":
+        """The weights a ``bench/fit_next_use.py --out`` file holds; ValueError naming the file and
+        what does not match (its features and groups must be this code's, in this order)."""
+        data = json.loads(Path(path).read_text())
+        if data.get("features") != list(FEATURES) or data.get("groups") != list(GROUPS):
+            raise ValueError(f"next-use weights {path}: features/groups are not this version's "
+                             f"({len(data.get('features', []))} features, groups {data.get('groups')}); re-fit them")  # fmt: skip
+        return cls(tuple(tuple(float(v) for v in w) for w in data["weights"]))
 
     def probability(self, x: np.ndarray, group: np.ndarray) -> np.ndarray:
         return _sigmoid(np.einsum("nf,nf->n", x, self._w[group]))

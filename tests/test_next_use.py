@@ -59,3 +59,46 @@ def test_hybrid_evicts_the_latest_and_admits_only_an_earlier_prefetch():
     with pytest.raises(ValueError, match="margin -1"):
         HybridTuning(margin=-1)
     h.close()
+
+
+def test_a_model_folder_ships_its_own_next_use_weights(tmp_path):
+    import json
+
+    from expertmap.predictor.policies.base import PolicyInputs
+
+    assert Hybrid.tuning_for_model(tmp_path) is None  # no file: the shipped defaults
+    weights = [[0.5 * (g + 1)] + [0.0] * (len(FEATURES) - 1) for g in range(len(GROUPS))]
+    (tmp_path / "next_use.json").write_text(json.dumps({"features": list(FEATURES), "groups": list(GROUPS), "weights": weights}))
+    tuning = Hybrid.tuning_for_model(tmp_path)
+    assert tuning.model.weights[2][0] == 1.5 and tuning.model.weights[0][1] == 0.0
+    policy = Hybrid(PolicyInputs(synchronous=True, tuning=tuning, prefetch_distance=1).context(2, 4, 1, 2))
+    assert policy.model is tuning.model
+    (tmp_path / "next_use.json").write_text(json.dumps({"features": ["bias"], "groups": list(GROUPS), "weights": [[1.0]] * 3}))
+    with pytest.raises(ValueError, match="next-use weights .*next_use.json: features/groups are not this version's"):
+        Hybrid.tuning_for_model(tmp_path)
+
+
+def test_the_bench_and_the_runtime_give_hybrid_the_folder_weights(tmp_path):
+    """PolicyFactory (replay) and ShardRuntime (engine, stages) both read next_use.json."""
+    import json
+    import shutil
+
+    from expertmap.actors.config import EngineConfig, LinkConfig
+    from expertmap.actors.defaults import BUNDLED_MODEL
+    from expertmap.actors.engine import OffloadEngine
+    from expertmap.bench.run import PolicyFactory
+
+    folder = tmp_path / "model"
+    shutil.copytree(BUNDLED_MODEL, folder)
+    weights = [[-1.0 - g] + [0.0] * (len(FEATURES) - 1) for g in range(len(GROUPS))]
+    (folder / "next_use.json").write_text(json.dumps({"features": list(FEATURES), "groups": list(GROUPS), "weights": weights}))
+    from expertmap.predictor.map_store_memory import InMemoryMapStore
+
+    factory = PolicyFactory(InMemoryMapStore(8, 16, 128, 10, prefetch_distance=2), np.zeros((1, 8, 16)), (8, 16, 2), 2, folder)
+    assert factory.inputs("hybrid", None, True).tuning.model.weights[1][0] == -2.0
+    assert factory.inputs("on-demand", None, True).tuning is None
+    engine = OffloadEngine(EngineConfig(model=folder, policy="hybrid", link=LinkConfig(mode="instant", profile="instant")))
+    try:
+        assert engine.runtime.policy.model.weights[2][0] == -3.0
+    finally:
+        engine.close()

@@ -134,6 +134,12 @@ class Policy:
     #: its settings; ``ctx.tuning`` must be an instance (or None for the defaults)
     Tuning: type = NoTuning
 
+    @classmethod
+    def tuning_for_model(cls, folder) -> Any:
+        """Settings this policy ships with a model folder (e.g. weights fitted on that model's
+        warm-up traces); None: the defaults. Used when the caller gives no tuning."""
+        return None
+
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
         tuning = self.Tuning() if ctx.tuning is None else ctx.tuning

@@ -17,6 +17,7 @@ reads the newest estimate. The map searches and publishing are FineMoE's (the pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -49,9 +50,19 @@ class HybridTuning:
             raise ValueError(f"HybridTuning.min_p {self.min_p} must be in [0, 1)")
 
 
+#: A model folder may ship its own next-use weights under this name (the output of
+#: ``python -m expertmap.bench.fit_next_use --model FOLDER --out FOLDER/next_use.json``).
+WEIGHTS_FILE = "next_use.json"
+
+
 class Hybrid(FineMoE):
     name = "hybrid"
     Tuning = HybridTuning
+
+    @classmethod
+    def tuning_for_model(cls, folder):
+        path = Path(folder) / WEIGHTS_FILE
+        return HybridTuning(model=NextUseModel.from_file(path)) if path.is_file() else None
 
     def __init__(self, ctx):
         self.state = NextUseState(ctx.num_layers, ctx.num_experts)
