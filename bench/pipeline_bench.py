@@ -54,6 +54,7 @@ def drive(pipe, prompts: list[list[int]], params: SamplingParams, concurrency: i
     running: dict[int, object] = {}
     done: dict[int, object] = {}
     bar = tqdm(total=len(prompts), desc=desc, unit="req", leave=False, disable=desc is None)
+    completed: list[float] = []  # seconds from the start at which each request ended
     t0 = time.perf_counter()
     while todo or running:
         while todo and len(running) < concurrency:
@@ -63,6 +64,7 @@ def drive(pipe, prompts: list[list[int]], params: SamplingParams, concurrency: i
         for i, r in list(running.items()):
             if r.done.is_set():
                 done[i] = running.pop(i)
+                completed.append(time.perf_counter() - t0)
                 bar.update()
     wall = time.perf_counter() - t0
     bar.close()
@@ -77,6 +79,12 @@ def drive(pipe, prompts: list[list[int]], params: SamplingParams, concurrency: i
         "tpot_s": percentiles([t for r in reqs for t in r.tpot_s]),
         "wall_s": wall,
         "tokens": tokens,
+        "completed_s": completed,
+        # the longest time without a request ending (from the start to the first, and between any two)
+        "max_completion_gap_s": float(np.diff([0.0, *completed]).max()) if completed else 0.0,
+        # the longest time in which no request got a token (from the start, so the first prefill
+        # counts): a stalled pipeline shows here first
+        "max_token_gap_s": float(np.diff([0.0, *sorted(t - t0 for r in reqs for t in r.token_times)]).max()),
         "outputs": [r.tokens for r in reqs],
     }
 
