@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from expertmap.actors.config import BUNDLED_MODEL
+from expertmap.actors.defaults import BUNDLED_MODELS
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
@@ -30,18 +30,26 @@ class BundledModel:
         return self.top_k / self.total_experts + 1e-9
 
 
-@pytest.fixture(scope="session")
-def bundled_model() -> BundledModel:
+def load_bundled(name: str) -> BundledModel:
     from transformers import AutoConfig, AutoTokenizer
 
-    assert (BUNDLED_MODEL / "model.safetensors").exists(), f"bundled model missing at {BUNDLED_MODEL}"
-    cfg = AutoConfig.from_pretrained(BUNDLED_MODEL)
-    return BundledModel(
-        BUNDLED_MODEL,
-        AutoTokenizer.from_pretrained(BUNDLED_MODEL),
-        cfg.num_experts_per_tok,
-        cfg.num_local_experts * cfg.num_hidden_layers,
-    )
+    folder = BUNDLED_MODELS[name]
+    assert (folder / "model.safetensors").exists(), f"bundled model {name} missing at {folder}"
+    cfg = AutoConfig.from_pretrained(folder)
+    experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    return BundledModel(folder, AutoTokenizer.from_pretrained(folder), cfg.num_experts_per_tok, experts * cfg.num_hidden_layers)
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> BundledModel:
+    """The default bundled model (16 experts, top-2)."""
+    return load_bundled("expertmap-moe-tiny")
+
+
+@pytest.fixture(scope="session", params=sorted(BUNDLED_MODELS))
+def each_bundled_model(request) -> BundledModel:
+    """Every bundled model in turn: the 16-expert one and the fine-grained 64-expert one."""
+    return load_bundled(request.param)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -72,22 +72,22 @@ def test_tiny_families_lossless(tiny_model, policy):
         assert stats.accesses > 0
 
 
-def test_bundled_model_lossless_every_policy_and_budget(bundled_model):
-    prompt_ids = bundled_model.tokenizer("def fibonacci(n):\n    ").input_ids
-    expected = reference_tokens(bundled_model.folder, prompt_ids)
+def test_bundled_model_lossless_every_policy_and_budget(each_bundled_model):
+    prompt_ids = each_bundled_model.tokenizer("def fibonacci(n):\n    ").input_ids
+    expected = reference_tokens(each_bundled_model.folder, prompt_ids)
     for policy in POLICIES:
-        for budget in (1.0, 0.5, 0.25, bundled_model.smallest_budget):
-            tokens, _ = offloaded_tokens(bundled_model.folder, policy, budget, prompt_ids)
+        for budget in (1.0, 0.5, 0.25, each_bundled_model.smallest_budget):
+            tokens, _ = offloaded_tokens(each_bundled_model.folder, policy, budget, prompt_ids)
             assert tokens == expected, f"{policy} budget {budget}"
 
 
-def test_bundled_model_seeded_sampling_lossless_on_emulated_link(bundled_model):
+def test_bundled_model_seeded_sampling_lossless_on_emulated_link(each_bundled_model):
     """Seeded sampling, and the real timing path (emulated link, prefetching) for the oracle."""
-    prompt_ids = bundled_model.tokenizer("The history of the city").input_ids
-    expected = reference_tokens(bundled_model.folder, prompt_ids, do_sample=True, seed=7)
+    prompt_ids = each_bundled_model.tokenizer("The history of the city").input_ids
+    expected = reference_tokens(each_bundled_model.folder, prompt_ids, do_sample=True, seed=7)
     link = LinkConfig(mode="emulated", copy_layer_ratio=2.0)
     for policy in ("on-demand", "oracle"):
-        tokens, stats = offloaded_tokens(bundled_model.folder, policy, 0.25, prompt_ids, link=link, do_sample=True, seed=7)
+        tokens, stats = offloaded_tokens(each_bundled_model.folder, policy, 0.25, prompt_ids, link=link, do_sample=True, seed=7)
         assert tokens == expected, policy
         assert stats.misses > 0  # the cache really was exercised
 
@@ -103,12 +103,12 @@ def test_default_experts_implementation_gives_same_greedy_tokens(bundled_model):
 
 
 @pytest.fixture(scope="module")
-def warm_factory(bundled_model):
+def warm_factory(each_bundled_model):
     """A map store and activation matrices warmed from a few prompts, as `expertmap bench` does."""
     from expertmap.actors.trace_recorder import TraceRecorder
     from expertmap.bench.run import PolicyFactory, build_store, request_eams
 
-    recorder = TraceRecorder(bundled_model.folder)
+    recorder = TraceRecorder(each_bundled_model.folder)
     prompts = [{"id": str(i), "category": "", "prompt": p} for i, p in enumerate(
         ["import os\nimport sys\n", "The king said to the queen", "Question: what is 7 times 8?"])]  # fmt: skip
     traces = recorder.record_all(prompts, 8, do_sample=False, seed=0)
@@ -118,13 +118,13 @@ def warm_factory(bundled_model):
 
 
 @pytest.mark.parametrize("policy", ["finemoe", "fate", "moe-infinity", "mixtral-offloading", "hybrid"])
-def test_predictive_policies_lossless_on_the_real_engine(bundled_model, warm_factory, policy):
-    prompt_ids = bundled_model.tokenizer("def parse(line):\n    return").input_ids
-    expected = reference_tokens(bundled_model.folder, prompt_ids, do_sample=True, seed=3)
+def test_predictive_policies_lossless_on_the_real_engine(each_bundled_model, warm_factory, policy):
+    prompt_ids = each_bundled_model.tokenizer("def parse(line):\n    return").input_ids
+    expected = reference_tokens(each_bundled_model.folder, prompt_ids, do_sample=True, seed=3)
     link = LinkConfig(mode="emulated", copy_layer_ratio=2.0)
-    for budget in (0.25, bundled_model.smallest_budget):
+    for budget in (0.25, each_bundled_model.smallest_budget):
         engine = OffloadEngine(
-            EngineConfig(model=bundled_model.folder, policy=policy, budget=budget, link=link),
+            EngineConfig(model=each_bundled_model.folder, policy=policy, budget=budget, link=link),
             warm_factory.inputs(policy, None, synchronous=False),
         )
         try:

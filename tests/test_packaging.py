@@ -63,13 +63,19 @@ def test_subpackages_are_under_expertmap(wheel):
         assert f"expertmap/{module}" in names, module
 
 
-def test_the_bundled_model_is_package_data(wheel):
+@pytest.mark.parametrize("model", ["expertmap-moe-tiny", "expertmap-moe-fine"])
+def test_the_bundled_models_are_package_data(wheel, model):
     names = set(wheel.namelist())
-    folder = "expertmap/models/expertmap-moe-tiny/"
+    folder = f"expertmap/models/{model}/"
     for f in MODEL_FILES:
         assert folder + f in names, f
     info = wheel.getinfo(folder + "model.safetensors")
-    assert info.file_size == (REPO / "models/expertmap-moe-tiny/model.safetensors").stat().st_size
+    assert info.file_size == (REPO / f"models/{model}/model.safetensors").stat().st_size
+
+
+def test_the_installed_package_stays_under_100_mb(wheel):
+    installed = sum(info.file_size for info in wheel.infolist())  # uncompressed: what pip writes
+    assert installed < 100e6, f"{installed / 1e6:.1f} MB"
 
 
 def test_the_bench_workload_and_its_licenses_are_package_data(wheel):
