@@ -68,7 +68,7 @@ def require_model_folder(path: str | Path) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         names = ", ".join(defaults.BUNDLED_MODELS)
-        raise ValueError(f"model {str(path)!r} is neither a folder nor a bundled model name ({names})")
+        raise ValueError(f"model {str(path)!r} does not exist: neither a folder nor a bundled model name ({names})")
     if not (folder / "config.json").exists():
         raise ValueError(f"model folder {str(path)!r} has no config.json: not a Hugging Face model folder")
     return folder

@@ -78,5 +78,5 @@ def test_model_names_resolve_everywhere_and_bad_names_say_what_exists():
         assert require_model_folder(name) == folder
         assert AppArgs(model=name).model_path == folder
         assert EngineConfig(model=name).model == folder
-    with pytest.raises(ValueError, match=r"'expertmap-moe-huge' is neither a folder nor a bundled model name \(expertmap-moe-tiny, expertmap-moe-fine\)"):
+    with pytest.raises(ValueError, match=r"'expertmap-moe-huge' does not exist: neither a folder nor a bundled model name \(expertmap-moe-tiny, expertmap-moe-fine\)"):
         require_model_folder("expertmap-moe-huge")
