@@ -28,7 +28,8 @@ from expertmap.actors.link_profiles import link_config
 from expertmap.actors.sampling import SamplingParams
 from expertmap.actors.trace_recorder import TraceRecorder
 from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
-from expertmap.bench.pipeline_bench import drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries
+from expertmap.bench.pipeline_bench import (drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries,
+                                             warmed_store)
 from expertmap.cluster.workload import load_workload, split
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ def run(args) -> dict:
     import ray
 
     from expertmap.cluster.pipeline import Pipeline, PipelineConfig
-    from expertmap.predictor.map_store_memory import InMemoryMapStore
     from expertmap.predictor.policies import PolicyInputs
     from expertmap.predictor.replica import StoreReplica
 
@@ -65,13 +65,7 @@ def run(args) -> dict:
     emulated = link_config(args.link)
 
     # the reference tokens: the in-process engine, the same prompts one at a time, no contention
-    engine = OffloadEngine(EngineConfig(model=args.model, policy="on-demand", link=link_config("instant")))
-    shape = dict(num_layers=len(engine.layers), num_experts=engine.num_experts,
-                 embed_dim=engine.model.config.hidden_size, prefetch_distance=defaults.PREFETCH_DISTANCE)  # fmt: skip
-    engine.close()
-    store = InMemoryMapStore(**shape)
-    for e, m in entries:
-        store.add(e, m)
+    store = warmed_store(args.model, entries)
     engine = OffloadEngine(EngineConfig(model=args.model, policy=args.policy, budget=budget, link=emulated),
                            PolicyInputs(replica=StoreReplica(store)))  # fmt: skip
     reference = engine_drive(engine, prompts, params)

@@ -126,6 +126,21 @@ def prompt_ids(tokenizer, records: list[dict], max_prompt: int = 256) -> list[li
     return [tokenizer(r["prompt"]).input_ids[:max_prompt] or [tokenizer.bos_token_id] for r in records]
 
 
+def warmed_store(model: Path, entries: list[tuple[np.ndarray, np.ndarray]]):
+    """An in-process map store shaped for ``model`` (read from a probe engine) holding ``entries``."""
+    from expertmap.actors.engine import OffloadEngine
+    from expertmap.predictor.map_store_memory import InMemoryMapStore
+
+    probe = OffloadEngine(EngineConfig(model=model, policy="on-demand", link=link_config("instant")))
+    shape = dict(num_layers=len(probe.layers), num_experts=probe.num_experts,
+                 embed_dim=probe.model.config.hidden_size, prefetch_distance=defaults.PREFETCH_DISTANCE)  # fmt: skip
+    probe.close()
+    store = InMemoryMapStore(**shape)
+    for e, m in entries:
+        store.add(e, m)
+    return store
+
+
 def warm_entries(traces: list[RequestTrace]) -> list[tuple[np.ndarray, np.ndarray]]:
     return [(it.embedding, it.expert_map()) for req in traces for it in req.iterations]
 

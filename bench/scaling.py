@@ -25,7 +25,8 @@ from expertmap.actors.sampling import SamplingParams
 from expertmap.actors import defaults
 from expertmap.actors.link_profiles import link_config
 from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
-from expertmap.bench.pipeline_bench import drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries
+from expertmap.bench.pipeline_bench import (drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries,
+                                             warmed_store)
 from expertmap.actors.trace_recorder import TraceRecorder
 from expertmap.cluster.workload import load_workload, split
 
@@ -54,17 +55,10 @@ def run(args) -> dict:
 
     # the in-process engine: the same prompts one after the other (map store warmed the same way)
     for label, link in (("emulated", emulated), ("instant", instant)):
-        from expertmap.predictor.map_store_memory import InMemoryMapStore
         from expertmap.predictor.policies import PolicyInputs
         from expertmap.predictor.replica import StoreReplica
 
-        probe = OffloadEngine(EngineConfig(model=args.model, policy="on-demand", link=instant))
-        shape = dict(num_layers=len(probe.layers), num_experts=probe.num_experts,
-                     embed_dim=probe.model.config.hidden_size, prefetch_distance=defaults.PREFETCH_DISTANCE)  # fmt: skip
-        probe.close()
-        store = InMemoryMapStore(**shape)
-        for e, m in entries:
-            store.add(e, m)
+        store = warmed_store(args.model, entries)
         engine = OffloadEngine(EngineConfig(model=args.model, policy=args.policy, budget=budget, link=link),
                                PolicyInputs(replica=StoreReplica(store)))  # fmt: skip
         r = engine_drive(engine, prompts, params)
