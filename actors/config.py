@@ -60,12 +60,18 @@ class Budget(BaseModel):
         return f"{self.fraction:g}" if self.fraction is not None else f"{self.bytes}B"
 
 
+def bundled_or_path(model: str | Path) -> Path:
+    """A bundled model's folder if ``model`` is its name (``defaults.BUNDLED_MODELS``) and no such
+    path exists here, else ``model`` as a Path (not checked)."""
+    if str(model) in defaults.BUNDLED_MODELS and not Path(model).exists():
+        return defaults.BUNDLED_MODELS[str(model)]
+    return Path(model)
+
+
 def require_model_folder(path: str | Path) -> Path:
     """The model folder ``path`` names: a bundled model's name (``defaults.BUNDLED_MODELS``) or a
     Hugging Face model folder (has config.json); ValueError naming the bad value otherwise."""
-    if str(path) in defaults.BUNDLED_MODELS and not Path(path).exists():
-        path = defaults.BUNDLED_MODELS[str(path)]
-    folder = Path(path)
+    folder = bundled_or_path(path)
     if not folder.is_dir():
         names = ", ".join(defaults.BUNDLED_MODELS)
         raise ValueError(f"model {str(path)!r} does not exist: neither a folder nor a bundled model name ({names})")

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from expertmap.actors import defaults
-from expertmap.actors.config import Budget
+from expertmap.actors.config import Budget, bundled_or_path
 
 #: Relative model paths resolve against this folder: the repository root in a checkout, the
 #: ``expertmap`` package folder of a wheel (where ``models/`` is package data).
@@ -92,9 +92,7 @@ class AppArgs(BaseModel):
 
     @property
     def model_path(self) -> Path:
-        p = Path(self.model).expanduser()
-        if self.model in defaults.BUNDLED_MODELS and not p.exists():
-            return defaults.BUNDLED_MODELS[self.model]
+        p = bundled_or_path(Path(self.model).expanduser())
         return p if p.is_absolute() else REPO_ROOT / p
 
     @property
