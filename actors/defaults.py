@@ -18,6 +18,9 @@ BUNDLED_MODELS = {
 }
 #: The default model (the quickstart's): the 16-expert one.
 BUNDLED_MODEL = BUNDLED_MODELS["expertmap-moe-tiny"]
+#: The help text of every ``--model`` option.
+MODEL_HELP = (f"a bundled model's name ({', '.join(BUNDLED_MODELS)}) or a Hugging Face MoE model folder "
+              f"(default: {BUNDLED_MODEL.name})")
 #: Link profile: the FineMoE paper's testbed, Mixtral-8x7B on an RTX 3090 over PCIe 4.0
 #: (expertmap.actors.link_profiles; docs/link-and-host-models.md).
 LINK = "rtx3090-pcie4-mixtral"

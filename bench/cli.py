@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="run the policies on the Ray pipeline with N stages (real time) instead of the replay + engine run")
     b.add_argument("--concurrency", type=int, default=8, help="clients in flight for --gpus runs (default 8)")
     b.add_argument("--out", default=DEFAULT_OUT, help=f"folder for results.json, results.md, outputs.jsonl and plots (default {DEFAULT_OUT})")
-    b.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
+    b.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help=defaults.MODEL_HELP)
     b.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS,
                    help=f"new tokens per prompt (default {defaults.MAX_NEW_TOKENS})")
     b.add_argument("--greedy", action="store_true", help="greedy decoding (default: seeded sampling)")

@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD,
                     help="JSONL prompt workload, split 70:30 into warm-up and evaluation (default: the bundled sample)")
     ap.add_argument("--model", type=require_model_folder, default=defaults.BUNDLED_MODEL,
-                    help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a model folder (default: expertmap-moe-tiny)")
+                    help=defaults.MODEL_HELP)
     ap.add_argument("--gpus", type=int, default=6, help="pipeline stages (declared GPUs; default 6)")
     ap.add_argument("--clients", type=int, default=16, help="closed-loop clients (default 16)")
     ap.add_argument("--spinners", type=int, default=2, help="processes spinning on the cores meanwhile (default 2)")

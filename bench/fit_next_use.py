@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                     help="further warm-up prompts it is evaluated on, with the store of all earlier ones (default 40)")
     ap.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS, help="new tokens per prompt")
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and of the sampling (default 0)")
-    ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), type=require_model_folder, help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
+    ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), type=require_model_folder, help=defaults.MODEL_HELP)
     ap.add_argument("--out", required=True, help="JSON file for the weights")
     ap.add_argument("--traces", default=None,
                     help="pickle of the recorded warm-up traces (list of RequestTrace, split order): read if it exists, "

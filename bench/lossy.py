@@ -65,7 +65,7 @@ def perplexity(model, windows: list[list[int]]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), type=require_model_folder, help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
+    ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), type=require_model_folder, help=defaults.MODEL_HELP)
     ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="JSONL prompt workload (default: the bundled sample)")
     ap.add_argument("--corpus", type=Path, default=None,
                     help="training corpus folder (.txt files) for held-out perplexity; without it perplexity is skipped")

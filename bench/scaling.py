@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD,
                     help="JSONL prompt workload, split 70:30 into warm-up and evaluation (default: the bundled sample)")
-    ap.add_argument("--model", type=require_model_folder, default=BUNDLED_MODEL, help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
+    ap.add_argument("--model", type=require_model_folder, default=BUNDLED_MODEL, help=defaults.MODEL_HELP)
     ap.add_argument("--out", type=Path, default=Path("bench/results/scaling"), help="folder for results.json, results.md, scaling.png")
     ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 6],
                     help="comma-separated stage counts (default 1,2,3,6)")

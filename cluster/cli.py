@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="one generation in-process, printing the text and cache statistics")
     g.add_argument("--prompt", required=True, help="the prompt text (required)")
-    g.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
+    g.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help=defaults.MODEL_HELP)
     g.add_argument("--policy", default=defaults.POLICY, help=f"cache policy: {policies}; default {defaults.POLICY}")
     g.add_argument("--budget", default=defaults.BUDGET, help=budget_help)
     g.add_argument("--link", default=defaults.LINK,
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("record", help="run prompts and fill the expert-map store")
     r.add_argument("--workload", required=True, help="JSONL file of {id, category, turns} (required)")
     r.add_argument("--limit", type=int, default=200, help="prompts from the start of the workload (default 200)")
-    r.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
+    r.add_argument("--model", default=str(defaults.BUNDLED_MODEL), help=defaults.MODEL_HELP)
     r.add_argument("--store", default="expert_maps.npz", help="in-process store file (default ./expert_maps.npz)")
     r.add_argument("--redis-url", default=None, help="redis://127.0.0.1:6379/0 to use a Redis store instead")
     r.add_argument("--namespace", default="expertmap", help="key prefix of the Redis store (default expertmap)")
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="start (or join) Ray and serve the OpenAI-compatible endpoint")
     s.add_argument("--config", default=None, help="a Serve config file (configs/serve.yaml); default: built-in defaults")
-    s.add_argument("--model", default=None, help="a bundled model's name (expertmap-moe-tiny, expertmap-moe-fine) or a Hugging Face MoE model folder (default: expertmap-moe-tiny)")
+    s.add_argument("--model", default=None, help=defaults.MODEL_HELP)
     s.add_argument("--gpus", type=int, default=None, help="pipeline stages, one per GPU (default 1; on a CPU machine: declared GPUs)")
     s.add_argument("--address", default=None, help="join a running Ray cluster (ray://... or HOST:PORT) instead of starting one")
     s.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
