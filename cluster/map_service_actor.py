@@ -20,6 +20,8 @@ from expertmap.predictor.map_service import ExpertMapService
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "expertmap-map-service"
+#: how long ``map_service`` waits for a dying service of the same name to go before it gives up
+DYING_SERVICE_WAIT_S = 30.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=8)
@@ -65,11 +67,26 @@ class MapServiceActor:
 
 def map_service(shape: dict, redis_url: str | None, namespace: str = "expertmap", capacity: int = 1000,
                 max_pending: int = 10_000, name: str = SERVICE_NAME):  # fmt: skip
-    """The named service actor (created on first use; later callers share it)."""
-    handle = MapServiceActor.options(name=name, get_if_exists=True, lifetime=None).remote(
-        shape, redis_url, namespace, capacity, max_pending
-    )
-    found = ray.get(handle.describe.remote())
+    """The named service actor (created on first use; later callers share it).
+
+    A pipeline that closed just before may have left its service dying (its last handle dropped,
+    the name not yet released): ``get_if_exists`` can hand back that actor, whose first call then
+    fails with ``ActorDiedError``. Such a handle is dropped and the actor asked for again, for at
+    most ``DYING_SERVICE_WAIT_S``.
+    """
+    deadline = time.monotonic() + DYING_SERVICE_WAIT_S
+    while True:
+        handle = MapServiceActor.options(name=name, get_if_exists=True, lifetime=None).remote(
+            shape, redis_url, namespace, capacity, max_pending
+        )
+        try:
+            found = ray.get(handle.describe.remote())
+            break
+        except ray.exceptions.ActorDiedError:
+            if time.monotonic() >= deadline:
+                raise
+            logger.info("the map service %r was shutting down; asking for it again", name)
+            time.sleep(0.2)
     wanted = {"shape": shape, "redis_url": redis_url, "namespace": namespace, "capacity": capacity}
     if found != wanted:
         from expertmap.predictor.map_store_redis import _redact
