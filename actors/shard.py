@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from expertmap.actors.batched_attention import DecodeBatch, can_batch_decode
 from expertmap.actors.cache_stats import CacheStats
 from expertmap.actors.checkpoint import CheckpointReader
 from expertmap.actors.config import EngineConfig
@@ -219,6 +220,7 @@ class ShardRuntime:
         self._listeners: list = []
         self._hooks = [m.router.register_forward_hook(self._router_hook(row)) for row, m in enumerate(self.moe)]
         self.attention_types = [self.adapter.attention_type(self.hf_config, i) for i in range(spec.start, spec.end)]
+        self.batch_decode = can_batch_decode(self.adapter, self.hf_config, self.attention_types)
         if self.policy.all_resident:
             self.cache.preload(self.host.keys())
         self.requests: dict[str, _RequestState] = {}
@@ -366,14 +368,19 @@ class ShardRuntime:
         self._emit("on_iteration_start", self.iteration, steps)
         self._replay_trajectories(steps)
         self.cache.poke()
-        inputs = [self._layer_inputs(h, st.cache, s.start) for h, st, s in zip(hidden, states, steps)]
+        decode = self._decode_batch(steps, states, hidden)  # decode steps share one attention call
+        alone = [i for i in range(len(steps)) if decode is None or i not in decode.rows]
+        inputs = {i: self._layer_inputs(hidden[i], states[i].cache, steps[i].start) for i in alone}
         self._probs = [[] for _ in steps]
         self._lengths = [len(s.token_ids) for s in steps]
         before = self.cache.snapshot_stats()
         for layer, kind in zip(self.layers, self.attention_types):
-            for i, (state, (position_ids, masks, rotary)) in enumerate(zip(states, inputs)):
+            if decode is not None:
+                decode.attend(self.adapter, layer, hidden)
+            for i in alone:
+                position_ids, masks, rotary = inputs[i]
                 hidden[i] = self.adapter.attention_half(
-                    layer, hidden[i], attention_mask=masks[kind], position_ids=position_ids, cache=state.cache,
+                    layer, hidden[i], attention_mask=masks[kind], position_ids=position_ids, cache=states[i].cache,
                     use_cache=True, position_embeddings=rotary,
                 )  # fmt: skip
             packed = self.adapter.mlp_half(layer, torch.cat(hidden, dim=1))  # [1, sum T, H]: one pass
@@ -385,25 +392,26 @@ class ShardRuntime:
         # what this stage does next is its first layer of the next iteration: say so to the policy
         # now, so that eviction, protection and admission of hinted prefetches look ahead from there
         self.policy.pos = Position(self.iteration + 1, self.moe_before - 1)
+        if self.spec.last:  # the head once for the micro-batch's last positions
+            logits = self.model.lm_head(self.model.model.norm(torch.cat([h[:, -1:, :] for h in hidden])))[:, -1, :]
         for i, (step, state) in enumerate(zip(steps, states)):
             if self._probs[i]:
                 own = torch.stack(self._probs[i]).cpu().numpy()  # [L_own, J]
                 step.trajectory = own if step.trajectory is None else np.concatenate([step.trajectory, own])
             state.length += len(step.token_ids)
             if self.spec.last:
-                self._finish(step, state, hidden[i])
+                self._finish(step, state, hidden[i], logits[i : i + 1])  # [1, V]
             else:
                 step.hidden = hidden[i]
         self._emit("on_iteration_end", self.iteration, steps)
 
-    def _finish(self, step: Step, state: _RequestState, hidden: torch.Tensor) -> None:
-        """Last stage: the next token (with its log-probabilities when asked), and the
-        iteration's expert map to the store."""
-        hidden = self.model.model.norm(hidden)
+    def _finish(self, step: Step, state: _RequestState, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Last stage: the next token from ``logits`` [1, V] of the last position (with its
+        log-probabilities when asked), and the iteration's expert map to the store."""
         params = state.sampler.params
         if params.prompt_logprobs is not None and step.start == 0:
-            step.prompt_logprobs = self._prompt_logprobs(hidden, step.token_ids, params.prompt_logprobs)
-        logits = self.model.lm_head(hidden[:, -1:, :])[:, -1, :]  # [1, V]
+            normed = self.model.model.norm(hidden)  # [1, T, H]
+            step.prompt_logprobs = self._prompt_logprobs(normed, step.token_ids, params.prompt_logprobs)
         step.token = state.sampler.next_token(logits)
         if params.logprobs is not None:
             picked, tops = log_probs(logits, torch.tensor([step.token]), params.logprobs)
@@ -461,6 +469,17 @@ class ShardRuntime:
             probs = torch.from_numpy(np.stack([s.trajectory[layer] for s in steps]))  # [B, J]
             self._timed(self.policy.on_router, RouterEvent(layer, probs))
             self.policy.pos.layer = layer
+
+    def _decode_batch(self, steps: list[Step], states: list[_RequestState], hidden: list) -> DecodeBatch | None:
+        """The micro-batch's one-token steps as one attention batch (None: fewer than two, or a
+        layout that must attend per request)."""
+        rows = [i for i, step in enumerate(steps) if len(step.token_ids) == 1]
+        if len(rows) < 2 or not self.batch_decode:
+            return None
+        return DecodeBatch(
+            rows, [steps[i].start for i in rows], [states[i].cache for i in rows], self.hf_config,
+            self.model.model.rotary_emb, torch.cat([hidden[i] for i in rows]),
+        )  # fmt: skip
 
     def _layer_inputs(self, hidden: torch.Tensor, cache, start: int):
         """(position ids, masks by attention type, rotary embeddings) for one request at these

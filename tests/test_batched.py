@@ -93,6 +93,46 @@ def test_batched_offloaded_equals_batched_resident_other_families(family, tmp_pa
     assert got == want
 
 
+def test_decode_steps_share_one_attention_call_and_match_each_request_alone(bundled_model):
+    """Three requests with caches of different lengths decode in one micro-batch: each layer's
+    attention runs once for all three (padded to the longest cache, masked), and every request's
+    tokens and log-probabilities equal those it gets decoding alone (to float rounding)."""
+    config = EngineConfig(policy="resident", link=INSTANT)
+    batched, alone = (ShardRuntime(config, split_layers(8, 1)[0]) for _ in range(2))
+    tok = bundled_model.tokenizer
+    texts = ("The river", "def add(a, b):\n    return a +", "Bonjour, comment allez-vous")
+    prompts = [tok(t).input_ids for t in texts]
+    assert len({len(p) for p in prompts}) == 3
+    params = SamplingParams(max_new_tokens=8, logprobs=3)
+    rows_per_call: list[int] = []
+    first_attention = batched.layers[0].self_attn
+    hook = first_attention.register_forward_pre_hook(
+        lambda module, args, kwargs: rows_per_call.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        steps = {name: [] for name in ("batched", "alone")}
+        for name, stage in (("batched", batched), ("alone", alone)):
+            for i, p in enumerate(prompts):  # prefill one by one
+                steps[name].append(stage.forward(MicroBatch([Step(str(i), 0, p, params)])).steps[0])
+        assert rows_per_call == [1, 1, 1]
+        for _ in range(4):
+            nxt = {name: [Step(s.rid, s.start + len(s.token_ids), [s.token]) for s in steps[name]] for name in steps}
+            batched.forward(MicroBatch(nxt["batched"]))
+            for step in nxt["alone"]:
+                alone.forward(MicroBatch([step]))
+            for b, a in zip(nxt["batched"], nxt["alone"]):
+                assert b.token == a.token
+                assert b.token_logprob == pytest.approx(a.token_logprob, abs=1e-5)
+                assert [t for t, _ in b.top_logprobs] == [t for t, _ in a.top_logprobs]
+            steps = nxt
+        assert rows_per_call[3:] == [3, 3, 3, 3]  # one call per decode iteration, all three rows
+        assert [s.requests[r].length for s in (batched, alone) for r in "012"] == [len(p) + 4 for p in prompts] * 2
+    finally:
+        hook.remove()
+        batched.close()
+        alone.close()
+
+
 def test_one_micro_batch_copies_a_shared_expert_once(bundled_model):
     """Four requests in one micro-batch: the cache sees each layer's union of experts once, so
     there are at most (layers x distinct experts) accesses per iteration, not one per request."""

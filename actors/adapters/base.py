@@ -83,6 +83,11 @@ class ArchitectureAdapter(ABC):
             layers.append(MoELayer(len(layers), decoder_index, self.router_of(block), block.experts))
         return layers
 
+    def batches_decode_attention(self, config: Any) -> bool:
+        """Whether the decode rows of several requests may share one masked attention call
+        (``actors/batched_attention.py``); otherwise each request attends alone."""
+        return True
+
     # --- the decoder layer's two halves ---------------------------------------------------------
     # Every supported family's decoder layer is ``h + attn(norm1(h))`` then ``h + mlp(norm2(h))``;
     # the shard runtime runs the first half per request (each over its own KV cache) and the second
@@ -115,6 +120,13 @@ class ArchitectureAdapter(ABC):
         """Un-weighted output of one expert for tokens x [t, H] -> [t, H] (gated, concatenated layout)."""
         gate, up = F.linear(x, w["gate_up_proj"]).chunk(2, dim=-1)  # [t, I] each
         return F.linear(experts.act_fn(gate) * up, w["down_proj"])  # [t, H]
+
+
+def every_head_has_its_kv(config: Any) -> bool:
+    """Multi-head latent attention (DeepSeek) expands its cached latents to every query head, but
+    transformers' sdpa decode path, given a mask, packs the query by ``num_attention_heads //
+    num_key_value_heads`` groups all the same and mis-shapes it: batch only when that is 1."""
+    return getattr(config, "num_key_value_heads", None) in (None, config.num_attention_heads)
 
 
 def gated_from_three(reader: CheckpointReader, prefix: str, gate: str, up: str, down: str) -> dict[str, torch.Tensor]:

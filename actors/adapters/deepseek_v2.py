@@ -10,7 +10,7 @@ does not apply.
 
 from __future__ import annotations
 
-from expertmap.actors.adapters.base import ArchitectureAdapter, gated_mlp_expert, sparse_block
+from expertmap.actors.adapters.base import ArchitectureAdapter, every_head_has_its_kv, gated_mlp_expert, sparse_block
 
 
 class DeepseekV2Adapter(ArchitectureAdapter):
@@ -18,6 +18,9 @@ class DeepseekV2Adapter(ArchitectureAdapter):
 
     def num_experts(self, config):
         return int(config.n_routed_experts)
+
+    def batches_decode_attention(self, config):
+        return every_head_has_its_kv(config)
 
     def moe_block(self, decoder_layer):
         return sparse_block(decoder_layer.mlp)
