@@ -40,3 +40,5 @@ MISS = "copy"
 HOST = "desktop-ddr5"
 #: New tokens of one generation when the caller does not say.
 MAX_NEW_TOKENS = 32
+#: requests per pipeline micro-batch at most (their union of experts is copied once for all)
+MAX_BATCH = 32

@@ -126,6 +126,7 @@ class Step:
 class MicroBatch:
     steps: list[Step]
     release: list[str] = field(default_factory=list)  # finished requests: free their KV caches
+    stage_s: list[float] = field(default_factory=list)  # each stage's compute time for it, in order
 
 
 @dataclass
@@ -296,6 +297,7 @@ class ShardRuntime:
                 t0 = time.perf_counter()
                 self._run(mb.steps)
                 elapsed = time.perf_counter() - t0
+                mb.stage_s.append(elapsed)
                 self.busy_s += elapsed
                 self.iterations_s += elapsed
                 self.steps_done += len(mb.steps)

@@ -1,14 +1,15 @@
-"""Scaling benchmark: the Ray pipeline on N = 1, 2, 3, 6 stages at several client concurrencies,
-against the in-process engine on the same prompts.
+"""Scaling benchmark: the Ray pipeline on N stages (default 1 and 6) at several client
+concurrencies (default 1, 4, 8, 16, 32), with an emulated and an instant link, against the
+in-process engine on the same prompts.
 
     python -m expertmap.bench.scaling --out bench/results/scaling [--workload FILE]
 
-For every (N, concurrency): tokens/s, TTFT and TPOT percentiles, hit rate (all stages, and per
-stage), each stage's busy fraction. The policy is `hybrid` with its map store warmed from the warm
-split; each stage has the budget fraction of its own experts and its own emulated link (the
-profile's copy/layer ratio on the measured layer time). Two overhead checks at concurrency 8:
-the N = 1 pipeline against the in-process engine with the emulated link and with an instant link
-(the latter isolates actors + transport). Writes results.json, results.md and scaling.png.
+For every (link, N, clients): tokens/s (and against one client), the requests per micro-batch and
+the micro-batches in flight the scheduler chose, TTFT and TPOT percentiles, hit rate (all stages,
+and per stage), each stage's busy fraction, and whether the tokens equal the engine's. The policy
+is `hybrid` with its map store warmed from the warm split; each stage has the budget fraction of
+its own experts and its own emulated link (the profile's copy/layer ratio on the measured layer
+time). Writes results.json, results.md and scaling.png (tokens/s and hit rate against clients).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def run(args) -> dict:
 
     start_local_ray(max(args.gpus))
     layer_time = results["engine"]["emulated"]["layer_time_s"]
-    plan = [(n, c, "emulated") for n in args.gpus for c in args.concurrency] + [(1, 8, "instant")]
+    plan = [(n, c, label) for label in args.links for n in args.gpus for c in args.concurrency]
     for n, c, label in plan:
         link = instant
         if label == "emulated":  # every stage's link: the engine's (the ratio on one measured layer time)
@@ -82,8 +83,12 @@ def run(args) -> dict:
         try:
             ray.get(pipe.map_service.add_many.remote(entries))
             pipe.reset_stats()
+            launched = pipe.scheduler.microbatches
             r = drive(pipe, prompts, params, c, desc=f"N={n} c={c} {label}")
             stages = pipe.stats()
+            r["microbatches"] = pipe.scheduler.microbatches - launched
+            r["mean_microbatch"] = stages[0]["steps"] / max(1, r["microbatches"])  # requests per micro-batch
+            r["inflight_chosen"] = pipe.scheduler.depth
         finally:
             pipe.close()
             ray.kill(pipe.map_service)
@@ -126,13 +131,16 @@ def write(results: dict, out: Path) -> None:
         f"(hit rate {e['emulated']['hit_rate']:.3f}) with the emulated link, {e['instant']['tokens_per_s']:.1f} "
         "tokens/s with an instant link.",
         "",
-        "| N | clients | link | tokens/s | vs engine | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms | hit rate | per-stage hit rate | per-stage busy | tokens = engine |",
-        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | :---: |",
+        "| N | clients | link | tokens/s | vs 1 client | vs engine | requests per micro-batch | in flight | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms | hit rate | per-stage hit rate | per-stage busy | tokens = engine |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | :---: |",
     ]
     for r in results["runs"]:
         base = e[r["link"]]["tokens_per_s"]
+        one = [q for q in results["runs"] if (q["gpus"], q["link"], q["concurrency"]) == (r["gpus"], r["link"], 1)]
+        vs_one = f"{r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x" if one else "-"
         lines.append(
-            f"| {r['gpus']} | {r['concurrency']} | {r['link']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x | "
+            f"| {r['gpus']} | {r['concurrency']} | {r['link']} | {r['tokens_per_s']:.1f} | {vs_one} | {r['tokens_per_s'] / base:.2f}x | "
+            f"{r.get('mean_microbatch', float('nan')):.1f} | {r.get('inflight_chosen', '-')} | "
             f"{r['ttft_s']['p50']:.2f} | {r['ttft_s']['p99']:.2f} | {r['tpot_s']['p50'] * 1e3:.0f} | "
             f"{r['tpot_s']['p99'] * 1e3:.0f} | {r['hit_rate']:.3f} | "
             f"{_per_stage(r, 'hit_rate')} | {_per_stage(r, 'busy_frac')} | {'yes' if r['tokens_equal_engine'] else 'NO'} |"
@@ -144,20 +152,25 @@ def write(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in results["runs"] if r["link"] == "emulated"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for c in sorted({r["concurrency"] for r in runs}):
-        pts = sorted((r["gpus"], r) for r in runs if r["concurrency"] == c)
-        ns = [n for n, _ in pts]
-        axes[0].plot(ns, [r["tokens_per_s"] for _, r in pts], "o-", label=f"{c} clients")
-        axes[1].plot(ns, [r["tpot_s"]["p50"] * 1e3 for _, r in pts], "o-", label=f"{c} clients")
-        axes[2].plot(ns, [r["hit_rate"] for _, r in pts], "o-", label=f"{c} clients")
-    axes[0].axhline(e["emulated"]["tokens_per_s"], color="grey", ls="--", label="in-process engine")
-    for ax, title in zip(axes, ("tokens/s", "TPOT p50 (ms)", "hit rate (all stages)")):
-        ax.set_xlabel("stages (GPUs)")
-        ax.set_title(title)
-        ax.set_xticks(sorted({r["gpus"] for r in runs}))
-    axes[0].legend(fontsize=7)
+    links = sorted({r["link"] for r in results["runs"]})
+    fig, axes = plt.subplots(1, len(links) + 1, figsize=(4.2 * (len(links) + 1), 3.6), squeeze=False)
+    axes = axes[0]
+    for ax, link in zip(axes, links):  # tokens/s against clients, one line per stage count
+        runs = [r for r in results["runs"] if r["link"] == link]
+        for n in sorted({r["gpus"] for r in runs}):
+            pts = sorted((r["concurrency"], r["tokens_per_s"]) for r in runs if r["gpus"] == n)
+            ax.plot([c for c, _ in pts], [t for _, t in pts], "o-", label=f"N = {n}")
+        ax.axhline(e[link]["tokens_per_s"], color="grey", ls="--", label="engine, one at a time")
+        ax.set_title(f"tokens/s, {link} link")
+    runs = [r for r in results["runs"] if r["link"] == links[0]]
+    for n in sorted({r["gpus"] for r in runs}):
+        pts = sorted((r["concurrency"], r["hit_rate"]) for r in runs if r["gpus"] == n)
+        axes[-1].plot([c for c, _ in pts], [h for _, h in pts], "o-", label=f"N = {n}")
+    axes[-1].set_title(f"hit rate (all stages), {links[0]} link")
+    for ax in axes:
+        ax.set_xlabel("clients (closed loop)")
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "scaling.png", dpi=110)
     plt.close(fig)
@@ -169,18 +182,22 @@ def main(argv=None) -> int:
                     help="JSONL prompt workload, split 70:30 into warm-up and evaluation (default: the bundled sample)")
     ap.add_argument("--model", type=require_model_folder, default=BUNDLED_MODEL, help=defaults.MODEL_HELP)
     ap.add_argument("--out", type=Path, default=Path("bench/results/scaling"), help="folder for results.json, results.md, scaling.png")
-    ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 6],
-                    help="comma-separated stage counts (default 1,2,3,6)")
-    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16],
-                    help="comma-separated numbers of clients in a closed loop (default 1,4,8,16)")
-    ap.add_argument("--limit", type=int, default=24, help="evaluation prompts (default 24)")
+    ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 6],
+                    help="comma-separated stage counts (default 1,6)")
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16, 32],
+                    help="comma-separated numbers of clients in a closed loop (default 1,4,8,16,32)")
+    ap.add_argument("--limit", type=int, default=64, help="evaluation prompts (default 64)")
     ap.add_argument("--warm-limit", type=int, default=100, help="prompts that warm the map store (default 100)")
     ap.add_argument("--max-new-tokens", type=int, default=16, help="new tokens per request (default 16)")
     ap.add_argument("--policy", default=defaults.SERVE_POLICY, help=f"cache policy (default {defaults.SERVE_POLICY})")
     ap.add_argument("--budget", default=defaults.BUDGET, help=f"fraction of each stage's expert bytes (default {defaults.BUDGET})")
     ap.add_argument("--link", default=defaults.LINK, help=f"emulated link: a profile or ratio:R (default {defaults.LINK})")
+    ap.add_argument("--links", type=lambda s: s.split(","), default=["emulated", "instant"],
+                    help="comma-separated: emulated (the --link profile) and/or instant (default both)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     args = ap.parse_args(argv)
+    if not args.links or set(args.links) - {"emulated", "instant"}:
+        ap.error(f"--links {','.join(args.links)}: name emulated and/or instant")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     results = run(args)

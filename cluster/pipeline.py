@@ -2,8 +2,9 @@
 that keeps every stage busy.
 
 Continuous batching across the pipeline: requests join and leave between iterations. The
-scheduler groups the requests whose next iteration can run into micro-batches of about
-``active / (N + 1)`` requests and keeps up to N + 1 micro-batches in flight, each a chain of
+scheduler groups the requests whose next iteration can run into micro-batches and keeps several
+in flight (how many and how large: ``cluster/microbatch_sizing.py``, from the stages' measured
+times; N + 1 until it has measured), each a chain of
 actor calls stage 0 -> ... -> stage N-1 whose intermediate results pass from actor to actor
 without coming back here. While stage k runs one micro-batch, stage k-1 runs the next. When a
 micro-batch returns, its requests get their tokens; finished ones are released on every stage
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -42,6 +42,7 @@ from expertmap.actors.cache_stats import CacheStats
 from expertmap.actors.config import EngineConfig
 from expertmap.actors.sampling import SamplingParams
 from expertmap.actors.shard import MicroBatch, Step, split_layers
+from expertmap.cluster.microbatch_sizing import MicroBatchSizer
 from expertmap.cluster.placement import STRATEGIES, bundle_nodes, bundle_strategy, stage_placement_group
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class PipelineConfig(BaseModel):
     gpus: int = Field(default=1, ge=1)  # stages, one per GPU
     split: list[int] | None = None  # decoder layers per stage; None: even
     placement: str = "PACK"
-    max_batch: int = Field(default=8, ge=1)  # requests per micro-batch at most
+    max_batch: int = Field(default=defaults.MAX_BATCH, ge=1)  # requests per micro-batch at most
+    #: micro-batches in flight; None: chosen from the stages' measured times (cluster/microbatch_sizing.py)
+    inflight: int | None = Field(default=None, ge=1)
     redis_url: str | None = None  # None: the embedded in-process store inside the service actor
     store_namespace: str = "expertmap"
     map_service_name: str = "expertmap-map-service"  # pipelines naming the same service share it
@@ -220,15 +223,16 @@ class _SchedulerMetrics:
 class Scheduler:
     """Continuous batching over a chain of stage actors (see the module docstring)."""
 
-    def __init__(self, stages: list, max_batch: int = 8, on_stage_failure: Callable[[], None] | None = None,
-                 stall_deadline_s: float = STALL_FLOOR_S):  # fmt: skip
+    def __init__(self, stages: list, max_batch: int = defaults.MAX_BATCH, on_stage_failure: Callable[[], None] | None = None,
+                 stall_deadline_s: float = STALL_FLOOR_S, inflight: int | None = None):  # fmt: skip
         self.stages = stages
         self.stall_deadline_s = stall_deadline_s
         self.stalls = 0
         self._launched: dict[ray.ObjectRef, float] = {}  # in flight since (perf_counter)
         self.on_stage_failure = on_stage_failure  # e.g. re-arm what a restarted stage forgot
         self.max_batch = max_batch
-        self.depth = len(stages) + 1  # micro-batches in flight
+        self.sizer = MicroBatchSizer(len(stages), max_batch, inflight)  # micro-batches in flight, their size
+        self.depth, _ = self.sizer.plan(1)
         self._cv = threading.Condition()
         self._new: deque[PipelineRequest] = deque()
         self._ready: deque[PipelineRequest] = deque()
@@ -303,8 +307,8 @@ class Scheduler:
         return ref
 
     def _launch(self) -> None:
+        self.depth, size = self.sizer.plan(len(self._active))
         while self._ready and len(self._inflight) < self.depth:
-            size = min(self.max_batch, max(1, math.ceil(len(self._active) / self.depth)))
             take = []
             while self._ready and len(take) < size:
                 req = self._ready.popleft()
@@ -369,7 +373,7 @@ class Scheduler:
         return "; ".join(parts)
 
     def _complete(self, ref: ray.ObjectRef) -> None:
-        self._launched.pop(ref, None)
+        launched = self._launched.pop(ref, None)
         reqs, _ = self._inflight.pop(ref)
         try:
             mb: MicroBatch = ray.get(ref)
@@ -382,6 +386,8 @@ class Scheduler:
                 if attempt == req.attempt and not req.done.is_set():
                     self._finish(req, error=RuntimeError(f"pipeline stage error: {cause}"))
             return
+        if launched is not None:
+            self.sizer.observe(len(mb.steps), mb.stage_s, time.perf_counter() - launched)
         for step, (req, attempt) in zip(mb.steps, reqs, strict=True):
             if attempt != req.attempt or req.done.is_set():
                 continue  # superseded by a restart after a stage failure, or already failed
@@ -493,7 +499,7 @@ class Pipeline:
         deadline = config.stall_deadline_s or stall_deadline(
             num_layers, adapter.top_k(hf_config), config.max_batch, layer_time, config.engine.link.copy_layer_ratio
         )
-        self.scheduler = Scheduler(self.stages, config.max_batch, rearm, deadline)
+        self.scheduler = Scheduler(self.stages, config.max_batch, rearm, deadline, config.inflight)
         self._ids = itertools.count()
         self._closed = False
 

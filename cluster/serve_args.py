@@ -34,7 +34,7 @@ class AppArgs(BaseModel):
     redis_url: str | None = None  # None: the embedded in-process expert-map store
     store_capacity: int = Field(default=1000, ge=1, le=4096)  # expert maps the store keeps (FineMoE: 1,000)
     max_queue: int = Field(default=64, ge=1)  # requests admitted at once (generating or waiting); beyond: 429
-    max_batch: int = Field(default=8, ge=1)  # requests per pipeline micro-batch at most
+    max_batch: int = Field(default=defaults.MAX_BATCH, ge=1)  # requests per pipeline micro-batch at most
     max_body_bytes: int = Field(default=1 << 20, ge=1024)  # larger request bodies get 413
     max_tokens_limit: int = Field(default=1024, ge=1)  # most tokens one choice may ask for (400 beyond)
     api_keys_env: str | None = None  # env var holding accepted API keys, comma-separated
