@@ -10,6 +10,8 @@ import numpy as np
 
 
 def load_workload(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"workload {path}: no such file (a JSONL file of records with turns[0])")
     records = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
