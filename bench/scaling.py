@@ -83,12 +83,12 @@ def run(args) -> dict:
         try:
             ray.get(pipe.map_service.add_many.remote(entries))
             pipe.reset_stats()
-            launched = pipe.scheduler.microbatches
+            launched, inflight = pipe.scheduler.microbatches, pipe.scheduler.inflight_at_launch
             r = drive(pipe, prompts, params, c, desc=f"N={n} c={c} {label}")
             stages = pipe.stats()
             r["microbatches"] = pipe.scheduler.microbatches - launched
             r["mean_microbatch"] = stages[0]["steps"] / max(1, r["microbatches"])  # requests per micro-batch
-            r["inflight_chosen"] = pipe.scheduler.depth
+            r["mean_inflight"] = (pipe.scheduler.inflight_at_launch - inflight) / max(1, r["microbatches"])
         finally:
             pipe.close()
             ray.kill(pipe.map_service)
@@ -131,7 +131,7 @@ def write(results: dict, out: Path) -> None:
         f"(hit rate {e['emulated']['hit_rate']:.3f}) with the emulated link, {e['instant']['tokens_per_s']:.1f} "
         "tokens/s with an instant link.",
         "",
-        "| N | clients | link | tokens/s | vs 1 client | vs engine | requests per micro-batch | in flight | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms | hit rate | per-stage hit rate | per-stage busy | tokens = engine |",
+        "| N | clients | link | tokens/s | vs 1 client | vs engine | requests per micro-batch | micro-batches in flight | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms | hit rate | per-stage hit rate | per-stage busy | tokens = engine |",
         "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | :---: |",
     ]
     for r in results["runs"]:
@@ -140,7 +140,7 @@ def write(results: dict, out: Path) -> None:
         vs_one = f"{r['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x" if one else "-"
         lines.append(
             f"| {r['gpus']} | {r['concurrency']} | {r['link']} | {r['tokens_per_s']:.1f} | {vs_one} | {r['tokens_per_s'] / base:.2f}x | "
-            f"{r.get('mean_microbatch', float('nan')):.1f} | {r.get('inflight_chosen', '-')} | "
+            f"{r['mean_microbatch']:.1f} | {r['mean_inflight']:.1f} | "
             f"{r['ttft_s']['p50']:.2f} | {r['ttft_s']['p99']:.2f} | {r['tpot_s']['p50'] * 1e3:.0f} | "
             f"{r['tpot_s']['p99'] * 1e3:.0f} | {r['hit_rate']:.3f} | "
             f"{_per_stage(r, 'hit_rate')} | {_per_stage(r, 'busy_frac')} | {'yes' if r['tokens_equal_engine'] else 'NO'} |"

@@ -7,7 +7,7 @@ micro-batch's union of experts is copied once for all its requests, and every mi
 each stage's fixed cost per iteration (Python per layer, the router, the union's copies).
 
 The sizer fits each stage's compute time per micro-batch as ``t_k(b) = a_k + c_k b`` (``b``
-requests; least squares over recent micro-batches, older ones fading) and measures the
+requests; least squares through the running mean time of each size seen) and measures the
 turnaround ``o`` (a micro-batch's round trip minus its stages' compute, the smallest recently
 seen). With ``m`` micro-batches of ``b = ceil(A / m)`` of ``A`` active requests, one round (every
 request one token) takes
@@ -16,7 +16,8 @@ request one token) takes
 
 (a micro-batch's own trip, or the busiest stage serving all m), so the rate is ``min(A, m b) / R(m)``.
 The sizer picks the ``m`` of highest rate, the smallest one within ``TIE`` of it (larger batches
-share more experts). Until the fit has seen two sizes, it keeps N + 1 in flight.
+share more experts). Until the fit has seen two sizes, it keeps N + 1 in flight, and halves one
+micro-batch if every one so far had the same size.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-#: how fast older micro-batches fade from the fit (weight per later observation)
-DECAY = 0.97
+#: weight of a new observation in the running mean of its size's time
+SMOOTHING = 0.2
 #: rates within this fraction of the best count as a tie, won by fewer, larger micro-batches
 TIE = 0.03
 #: how many recent round trips the turnaround is the smallest of
@@ -33,30 +34,30 @@ TURNAROUND_WINDOW = 32
 
 
 @dataclass
-class LinearFit:
-    """Weighted least squares of ``t = a + c b`` with exponential forgetting."""
+class SizeTimes:
+    """One stage's compute time per micro-batch, a running mean per size, and the line ``t = a + c b``
+    through those means (each size counts once, so a size seen often does not drown the others and
+    a size seen long ago still anchors the slope)."""
 
-    w: float = 0.0
-    sb: float = 0.0
-    sbb: float = 0.0
-    st: float = 0.0
-    sbt: float = 0.0
+    means: dict[int, float] = field(default_factory=dict)
 
-    def add(self, b: float, t: float) -> None:
-        self.w, self.sb, self.sbb = DECAY * self.w + 1, DECAY * self.sb + b, DECAY * self.sbb + b * b
-        self.st, self.sbt = DECAY * self.st + t, DECAY * self.sbt + b * t
+    def add(self, b: int, t: float) -> None:
+        old = self.means.get(b)
+        self.means[b] = t if old is None else old + SMOOTHING * (t - old)
 
     @property
     def ready(self) -> bool:
-        """Two or more distinct sizes seen (the slope is defined)."""
-        return self.w > 0 and self.sbb * self.w - self.sb**2 > 1e-9 * max(1.0, self.w**2)
+        """Two or more sizes seen (the slope is defined)."""
+        return len(self.means) >= 2
 
     def coefficients(self) -> tuple[float, float]:
         """(a, c), both clipped at 0: a fixed cost and a per-request cost cannot be negative."""
-        det = self.sbb * self.w - self.sb**2
-        c = max(0.0, (self.sbt * self.w - self.sb * self.st) / det)
-        a = max(0.0, (self.st - c * self.sb) / self.w)
-        return a, c
+        n = len(self.means)
+        mb = sum(self.means) / n
+        mt = sum(self.means.values()) / n
+        var = sum((b - mb) ** 2 for b in self.means)
+        c = max(0.0, sum((b - mb) * (t - mt) for b, t in self.means.items()) / var)
+        return max(0.0, mt - c * mb), c
 
 
 @dataclass
@@ -64,13 +65,13 @@ class MicroBatchSizer:
     stages: int
     max_batch: int
     fixed_depth: int | None = None  # micro-batches in flight, fixed (None: chosen from the fit)
-    fits: list[LinearFit] = field(default_factory=list)
+    fits: list[SizeTimes] = field(default_factory=list)
     turnarounds: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.fixed_depth is not None and self.fixed_depth < 1:
             raise ValueError(f"micro-batches in flight = {self.fixed_depth}: must be at least 1")
-        self.fits = [LinearFit() for _ in range(self.stages)]
+        self.fits = [SizeTimes() for _ in range(self.stages)]
 
     def observe(self, requests: int, stage_seconds: list[float], round_trip_s: float) -> None:
         """One micro-batch came back: ``requests`` steps, each stage's compute time, launch-to-return."""
@@ -94,7 +95,11 @@ class MicroBatchSizer:
         active = max(1, active)
         if self.fixed_depth is not None or not self.measured:
             depth = self.fixed_depth or self.stages + 1
-            return depth, min(self.max_batch, math.ceil(active / depth))
+            size = min(self.max_batch, math.ceil(active / depth))
+            seen = self.fits[0].means
+            if self.fixed_depth is None and list(seen) == [size] and size > 1:
+                size //= 2  # a second size, so the slope can be fitted (a closed loop keeps one size)
+            return depth, size
         best = None
         for depth in range(1, min(active, 2 * self.stages + 1) + 1):
             size = min(self.max_batch, math.ceil(active / depth))

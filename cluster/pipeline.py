@@ -243,6 +243,7 @@ class Scheduler:
         self._stop = False
         self.stage_failures = 0
         self.microbatches = 0
+        self.inflight_at_launch = 0
         self.metrics = _SchedulerMetrics()
         self._thread = threading.Thread(target=self._loop, name="pipeline-scheduler", daemon=True)
         self._thread.start()
@@ -328,6 +329,7 @@ class Scheduler:
             self._inflight[ref] = ([(r, r.attempt) for r in take], mb.release)
             self._launched[ref] = now
             self.microbatches += 1
+            self.inflight_at_launch += len(self._inflight)  # / microbatches: how many were in flight
         if self._release and not self._inflight:  # nothing else will carry them: a release-only batch
             mb = MicroBatch([], release=self._release)
             self._release = []

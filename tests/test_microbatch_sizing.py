@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from expertmap.cluster.microbatch_sizing import LinearFit, MicroBatchSizer
+from expertmap.cluster.microbatch_sizing import MicroBatchSizer, SizeTimes
 
 
 def feed(sizer: MicroBatchSizer, a: float, c: float, turnaround: float, sizes=(1, 2, 4, 8, 16)) -> None:
@@ -16,25 +16,36 @@ def feed(sizer: MicroBatchSizer, a: float, c: float, turnaround: float, sizes=(1
 
 
 def test_the_fit_recovers_fixed_and_per_request_costs():
-    fit = LinearFit()
-    for b in (1, 3, 5, 9, 2):
+    fit = SizeTimes()
+    for b in (1, 3, 5, 9, 2, 3, 3, 3):
         fit.add(b, 0.010 + 0.002 * b)
     a, c = fit.coefficients()
     assert a == pytest.approx(0.010) and c == pytest.approx(0.002)
 
 
 def test_one_size_seen_is_not_a_fit():
-    fit = LinearFit()
+    fit = SizeTimes()
     for _ in range(5):
         fit.add(4, 0.02)
     assert not fit.ready
+
+
+def test_a_size_seen_long_ago_still_anchors_the_slope():
+    fit = SizeTimes()
+    fit.add(2, 0.014)
+    for _ in range(1000):  # a closed loop: one size from then on
+        fit.add(16, 0.042)
+    a, c = fit.coefficients()
+    assert fit.ready and a == pytest.approx(0.010) and c == pytest.approx(0.002)
 
 
 def test_until_measured_it_keeps_n_plus_one_in_flight():
     sizer = MicroBatchSizer(stages=3, max_batch=32)
     assert sizer.plan(16) == (4, 4)
     feed(sizer, 0.01, 0.001, 0.002, sizes=(4, 4, 4))  # one size: the slope is unknown
-    assert sizer.plan(16) == (4, 4)
+    assert sizer.plan(16) == (4, 2)  # so the next micro-batch tries another
+    feed(sizer, 0.01, 0.001, 0.002, sizes=(2,))
+    assert sizer.measured and sizer.plan(16) != (4, 2)
 
 
 def test_one_stage_with_a_fixed_cost_above_the_turnaround_takes_everyone_in_one_micro_batch():
@@ -72,4 +83,4 @@ def test_observations_that_missed_a_stage_are_ignored():
     sizer = MicroBatchSizer(stages=2, max_batch=8)
     sizer.observe(4, [0.01], 0.02)  # one stage's time only
     sizer.observe(0, [0.01, 0.01], 0.03)  # a release-only batch
-    assert all(f.w == 0 for f in sizer.fits) and sizer.turnarounds == []
+    assert all(not f.means for f in sizer.fits) and sizer.turnarounds == []
