@@ -223,8 +223,9 @@ class _SchedulerMetrics:
 class Scheduler:
     """Continuous batching over a chain of stage actors (see the module docstring)."""
 
-    def __init__(self, stages: list, max_batch: int = defaults.MAX_BATCH, on_stage_failure: Callable[[], None] | None = None,
-                 stall_deadline_s: float = STALL_FLOOR_S, inflight: int | None = None):  # fmt: skip
+    def __init__(self, stages: list, max_batch: int = defaults.MAX_BATCH,
+                 on_stage_failure: Callable[[], None] | None = None, stall_deadline_s: float = STALL_FLOOR_S,
+                 inflight: int | None = None):  # fmt: skip
         self.stages = stages
         self.stall_deadline_s = stall_deadline_s
         self.stalls = 0
