@@ -41,9 +41,14 @@ def engine_table(engine: dict) -> list[str]:
         rows.append(
             f"| {name} | {r['hit_rate']:.3f} | {r['ttft_s']['p50'] * 1e3:.0f} | {r['tpot_s']['mean'] * 1e3:.1f} | "
             f"{r['tpot_s']['p99'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | {r['overhead_frac']:.2%} | "
-            f"{'yes' if r['texts_equal_resident'] else 'NO'} |"
+            f"{_text_check(r['texts_equal_resident'])} |"
         )
     return rows
+
+
+def _text_check(equal: bool | None) -> str:
+    """yes / NO, or "-" when `resident` was not among the policies run (nothing to compare)."""
+    return "-" if equal is None else ("yes" if equal else "NO")
 
 
 def embedding_lines(cfg: dict) -> list[str]:
