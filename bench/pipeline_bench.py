@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from expertmap.actors.config import Budget, EngineConfig
+from expertmap.actors.config import Budget, EngineConfig, require_model_folder
 from expertmap.actors.sampling import SamplingParams
 from expertmap.actors import defaults
 from expertmap.actors.link_profiles import link_config
@@ -46,6 +46,13 @@ def percentiles(values: list[float]) -> dict[str, float]:
         return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
     a = np.asarray(values)
     return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+
+
+def add_workload_and_model(ap) -> None:
+    """The ``--workload`` and ``--model`` flags the pipeline benchmarks (scaling, contention) share."""
+    ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD,
+                    help="JSONL prompt workload, split 70:30 into warm-up and evaluation (default: the bundled sample)")
+    ap.add_argument("--model", type=require_model_folder, default=defaults.BUNDLED_MODEL, help=defaults.MODEL_HELP)
 
 
 def drive(pipe, prompts: list[list[int]], params: SamplingParams, concurrency: int, desc: str | None = None) -> dict:

@@ -20,14 +20,14 @@ import logging
 import time
 from pathlib import Path
 
-from expertmap.actors.config import BUNDLED_MODEL, Budget, EngineConfig, LinkConfig, require_model_folder
+from expertmap.actors.config import Budget, EngineConfig, LinkConfig
 from expertmap.actors.engine import OffloadEngine
 from expertmap.actors.sampling import SamplingParams
 from expertmap.actors import defaults
 from expertmap.actors.link_profiles import link_config
-from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
-from expertmap.bench.pipeline_bench import (drive, engine_drive, prompt_ids, stage_totals, start_local_ray, warm_entries,
-                                             warmed_store)
+from expertmap.bench.paths import recorded
+from expertmap.bench.pipeline_bench import (add_workload_and_model, drive, engine_drive, prompt_ids, stage_totals,
+                                             start_local_ray, warm_entries, warmed_store)
 from expertmap.actors.trace_recorder import TraceRecorder
 from expertmap.cluster.workload import load_workload, split
 
@@ -178,9 +178,7 @@ def write(results: dict, out: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD,
-                    help="JSONL prompt workload, split 70:30 into warm-up and evaluation (default: the bundled sample)")
-    ap.add_argument("--model", type=require_model_folder, default=BUNDLED_MODEL, help=defaults.MODEL_HELP)
+    add_workload_and_model(ap)
     ap.add_argument("--out", type=Path, default=Path("bench/results/scaling"), help="folder for results.json, results.md, scaling.png")
     ap.add_argument("--gpus", type=lambda s: [int(x) for x in s.split(",")], default=[1, 6],
                     help="comma-separated stage counts (default 1,6)")
