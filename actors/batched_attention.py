@@ -57,19 +57,21 @@ def _stack_padded(parts: list[torch.Tensor], length: int) -> torch.Tensor:
 class DecodeBatch:
     """The inputs of one batched attention call for decode rows at positions ``starts``."""
 
-    def __init__(self, rows: list[int], starts: list[int], caches: list, hf_config, rotary, hidden: torch.Tensor):
+    def __init__(self, rows: list[int], starts: list[int], caches: list, hf_config, rotary, like: torch.Tensor):
+        """``like``: one row's hidden states, for the dtype and device (the rotary embedding and
+        the mask take the batch size from the position ids)."""
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
         self.rows = rows  # indices of these requests in the micro-batch
-        device = hidden.device
+        device = like.device
         self.position_ids = torch.tensor(starts, device=device)[:, None]  # [B, 1]
-        self.rotary = rotary(hidden, self.position_ids)  # cos, sin [B, 1, d]
+        self.rotary = rotary(like, self.position_ids)  # cos, sin [B, 1, d]
         kv_lengths = torch.tensor(starts, device=device) + 1  # each row's cache after this token
         longest = int(kv_lengths.max())
         padding = torch.arange(longest, device=device)[None] < kv_lengths[:, None]  # [B, K] True: a real key
         self.mask = ALL_MASK_ATTENTION_FUNCTIONS[hf_config._attn_implementation](
             batch_size=len(rows), q_length=1, kv_length=longest, q_offset=longest - 1, attention_mask=padding,
-            allow_is_causal_skip=False, dtype=hidden.dtype, device=device,
+            allow_is_causal_skip=False, dtype=like.dtype, device=device,
         )  # [B, 1, 1, K]  # fmt: skip
         self.cache = PaddedCacheView(caches)
 

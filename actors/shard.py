@@ -480,7 +480,7 @@ class ShardRuntime:
             return None
         return DecodeBatch(
             rows, [steps[i].start for i in rows], [states[i].cache for i in rows], self.hf_config,
-            self.model.model.rotary_emb, torch.cat([hidden[i] for i in rows]),
+            self.model.model.rotary_emb, hidden[rows[0]],
         )  # fmt: skip
 
     def _layer_inputs(self, hidden: torch.Tensor, cache, start: int):

@@ -85,9 +85,10 @@ class MicroBatchSizer:
     def measured(self) -> bool:
         return all(f.ready for f in self.fits) and bool(self.turnarounds)
 
-    def round_time(self, depth: int, size: int) -> float:
-        """Predicted seconds for one round of ``depth`` micro-batches of ``size`` requests."""
-        times = [a + c * size for a, c in (f.coefficients() for f in self.fits)]
+    def round_time(self, depth: int, size: int, costs: list[tuple[float, float]] | None = None) -> float:
+        """Predicted seconds for one round of ``depth`` micro-batches of ``size`` requests
+        (``costs``: each stage's fitted (a, c), when the caller has them already)."""
+        times = [a + c * size for a, c in (costs or [f.coefficients() for f in self.fits])]
         return max(sum(times) + min(self.turnarounds), depth * max(times))
 
     def plan(self, active: int) -> tuple[int, int]:
@@ -101,10 +102,11 @@ class MicroBatchSizer:
                 size //= 2  # a second size, so the slope can be fitted (a closed loop keeps one size)
             return depth, size
         best = None
+        costs = [f.coefficients() for f in self.fits]
         for depth in range(1, min(active, 2 * self.stages + 1) + 1):
             size = min(self.max_batch, math.ceil(active / depth))
             depth = min(depth, math.ceil(active / size))  # no empty micro-batches
-            rate = min(active, depth * size) / max(self.round_time(depth, size), 1e-9)
+            rate = min(active, depth * size) / max(self.round_time(depth, size, costs), 1e-9)
             if best is None or rate > best[0] * (1 + TIE):
                 best = (rate, depth, size)
         return best[1], best[2]

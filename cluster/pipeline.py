@@ -233,7 +233,6 @@ class Scheduler:
         self.on_stage_failure = on_stage_failure  # e.g. re-arm what a restarted stage forgot
         self.max_batch = max_batch
         self.sizer = MicroBatchSizer(len(stages), max_batch, inflight)  # micro-batches in flight, their size
-        self.depth, _ = self.sizer.plan(1)
         self._cv = threading.Condition()
         self._new: deque[PipelineRequest] = deque()
         self._ready: deque[PipelineRequest] = deque()
@@ -309,8 +308,8 @@ class Scheduler:
         return ref
 
     def _launch(self) -> None:
-        self.depth, size = self.sizer.plan(len(self._active))
-        while self._ready and len(self._inflight) < self.depth:
+        depth, size = self.sizer.plan(len(self._active))
+        while self._ready and len(self._inflight) < depth:
             take = []
             while self._ready and len(take) < size:
                 req = self._ready.popleft()
