@@ -119,8 +119,13 @@ class OffloadEngine:
 
     @property
     def overhead_frac(self) -> float:
-        """The predictor's critical-path cost as a fraction of iteration time."""
+        """The policy's callbacks on the compute thread as a fraction of iteration time."""
         return self.runtime.overhead_frac
+
+    @property
+    def prediction_frac(self) -> float:
+        """The policy's callbacks and planner thread together as a fraction of iteration time."""
+        return self.runtime.prediction_frac
 
     @property
     def stats(self) -> CacheStats:

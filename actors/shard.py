@@ -504,8 +504,16 @@ class ShardRuntime:
     # --- figures --------------------------------------------------------------------------------
     @property
     def overhead_frac(self) -> float:
-        """The predictor's critical-path cost as a fraction of iteration time."""
+        """The policy's callbacks on the compute thread as a fraction of iteration time."""
         return self.policy_s / self.iterations_s if self.iterations_s else 0.0
+
+    @property
+    def prediction_frac(self) -> float:
+        """All of the policy's work, its callbacks and its planner thread's, as a fraction of
+        iteration time: what prediction costs where the compute thread is Python-bound (the
+        planner shares the interpreter with it), an upper bound where it is not."""
+        total = self.policy_s + self.policy.background_s
+        return total / self.iterations_s if self.iterations_s else 0.0
 
     def stats(self) -> dict:
         s: CacheStats = self.cache.snapshot_stats()

@@ -244,6 +244,7 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
             },
             "tokens_per_s": len(tpots) / max(1e-9, sum(tpots)),
             "overhead_frac": engine.overhead_frac,
+            "prediction_frac": engine.prediction_frac,
             "accesses": s.accesses,
             "texts_equal_resident": None,
             "layer_time_s": engine.layer_time_s,

@@ -2,9 +2,15 @@
 
 The compute thread only enqueues (cheap); the worker applies every item in order and runs the
 expensive planning step only for the newest item: when more work is already waiting, planning
-for an older position is stale and is skipped. If the queue is full the item is dropped and
+for an older position is stale and is skipped. An item submitted with ``replan=False`` only
+updates state (the next planning item plans with it). If the queue is full the item is dropped and
 counted, and the consumer is told (``on_drop``) so it can stop trusting its incremental state.
 ``synchronous=True`` runs everything inline (the trace-driven simulator, tests).
+
+``busy_s`` is the worker's CPU time in ``apply`` and ``plan`` (not its waits for the interpreter). Python runs one thread at a time (the
+GIL), so on a machine where the compute thread is Python-bound this work is not free: the
+compute thread waits for it whenever it wants the interpreter back (measured on the bundled model,
+docs/benchmarks.md: the worker made iterations no faster than running it inline).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +41,7 @@ class BackgroundPlanner:
         self.synchronous = synchronous
         self.dropped = 0
         self.skipped_plans = 0
+        self.busy_s = 0.0  # the worker's CPU time in apply and plan (inline work is the caller's)
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._idle = threading.Event()
@@ -43,14 +51,15 @@ class BackgroundPlanner:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
 
-    def submit(self, item: Any) -> None:
+    def submit(self, item: Any, replan: bool = True) -> None:
         if self.synchronous:
             self.apply(item)
-            self.plan()
+            if replan:
+                self.plan()
             return
         try:
             self._idle.clear()
-            self._queue.put_nowait(item)
+            self._queue.put_nowait((item, replan))
         except queue.Full:
             self.dropped += 1
             if self.on_drop is not None:
@@ -66,19 +75,25 @@ class BackgroundPlanner:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        owed = False  # a planning item was applied and its plan skipped (newer work was waiting)
         while True:
-            item = self._queue.get()
-            if item is None:
+            entry = self._queue.get()
+            if entry is None:
                 return
+            item, replan = entry
+            t0 = time.thread_time()
             try:
                 self.apply(item)
-                if self._queue.empty():
+                owed = owed or replan
+                if owed and self._queue.empty():
+                    owed = False
                     self.plan()
-                else:
+                elif owed:
                     self.skipped_plans += 1
             except BaseException as exc:  # a planner bug must not take serving down: log, keep going
                 self.error = exc
                 logger.exception("background planner failed on %r", item)
             finally:
+                self.busy_s += time.thread_time() - t0
                 if self._queue.empty():
                     self._idle.set()

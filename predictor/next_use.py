@@ -36,6 +36,10 @@ FEATURES = (
     "ewma fast", "ewma slow", "used this pass", "log age", "popularity", "log tokens", "similarity",
     "log ewma slow", "soft ewma", "log soft ewma", "prompt map", "log prompt map", "request rate",
 )  # fmt: skip
+_COLUMN = {name: i for i, name in enumerate(FEATURES)}
+#: (log column, its source column) in FEATURES
+_LOG_OF = np.array([(_COLUMN["log " + name], _COLUMN[name])
+                    for name in ("semantic", "trajectory", "gate", "ewma slow", "soft ewma", "prompt map")])  # fmt: skip
 GROUPS = ("next layer", "later this iteration", "next iteration")
 FAST, SLOW = 0.5, 0.9  # per-iteration decay of the two moving averages of use
 SOFT = 0.8  # per-iteration decay of the moving average of the router's distribution
@@ -81,6 +85,7 @@ class NextUseState:
     def __init__(self, num_layers: int, num_experts: int):
         L, J = num_layers, num_experts
         self.L, self.J = L, J
+        self._layer_of_row = np.repeat(np.arange(L), J)  # [L*J]: row -> layer
         self.ewma_fast = np.zeros((L, J))
         self.ewma_slow = np.zeros((L, J))
         self.last_use = np.full((L, J), -1e6)
@@ -151,26 +156,30 @@ class NextUseState:
     def features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(x [L*J, F], group [L*J], ahead [L*J]) at the current position."""
         L, J, now = self.L, self.J, self.now
-        layers = np.repeat(np.arange(L), J)
-        ahead = np.where(layers > now, layers - now, layers - now + L).astype(np.float64)
-        group = np.where(layers <= now, 2, np.where((layers == now + 1) & (self.gate_layer == now + 1), 0, 1))
-        gate = np.zeros((L, J))
+        layer = self._layer_of_row  # [L*J]
+        ahead = np.where(layer > now, layer - now, layer - now + L).astype(np.float64)
+        group = np.where(layer <= now, 2, np.where((layer == now + 1) & (self.gate_layer == now + 1), 0, 1))
+        C = _COLUMN
+        x = np.empty((len(FEATURES), L * J))  # filled by feature rows, returned as its transpose
+        x[C["bias"]] = 1.0
+        x[C["semantic"]] = self.semantic.reshape(-1)
+        x[C["trajectory"]] = self.trajectory.reshape(-1)
+        x[C["gate"]] = 0.0
         if 0 <= self.gate_layer < L:
-            gate[self.gate_layer] = self.gate
-        sem = self.semantic.reshape(-1)
-        traj = self.trajectory.reshape(-1)
-        g = gate.reshape(-1)
-        age = np.maximum(0.0, self.iteration - self.last_use.reshape(-1))
-        x = np.stack([
-            np.ones(L * J), sem, np.log(sem + EPS), traj, np.log(traj + EPS), g, np.log(g + EPS),
-            self.ewma_fast.reshape(-1), self.ewma_slow.reshape(-1), self.used_now.reshape(-1).astype(np.float64),
-            np.log1p(np.minimum(age, 1e3)), self.popularity.reshape(-1), np.full(L * J, np.log(self.tokens)),
-            np.full(L * J, self.similarity),
-            np.log(self.ewma_slow.reshape(-1) + EPS), self.soft.reshape(-1), np.log(self.soft.reshape(-1) + EPS),
-            self.prompt.reshape(-1), np.log(self.prompt.reshape(-1) + EPS),
-            self.request_uses.reshape(-1) / max(1, self.request_iterations),
-        ], axis=1)  # fmt: skip
-        return x, group, ahead
+            x[C["gate"], self.gate_layer * J : (self.gate_layer + 1) * J] = self.gate
+        x[C["ewma fast"]] = self.ewma_fast.reshape(-1)
+        x[C["ewma slow"]] = self.ewma_slow.reshape(-1)
+        x[C["used this pass"]] = self.used_now.reshape(-1)
+        x[C["log age"]] = np.log1p(np.minimum(np.maximum(0.0, self.iteration - self.last_use.reshape(-1)), 1e3))
+        x[C["popularity"]] = self.popularity.reshape(-1)
+        x[C["log tokens"]] = np.log(self.tokens)
+        x[C["similarity"]] = self.similarity
+        x[C["soft ewma"]] = self.soft.reshape(-1)
+        x[C["prompt map"]] = self.prompt.reshape(-1)
+        x[C["request rate"]] = self.request_uses.reshape(-1) / max(1, self.request_iterations)
+        # the log columns: log(v + EPS) of semantic, trajectory, gate, ewma slow, soft ewma, prompt map
+        x[_LOG_OF[:, 0]] = np.log(x[_LOG_OF[:, 1]] + EPS)
+        return x.T, group, ahead
 
     def next_use(self, model: NextUseModel) -> tuple[np.ndarray, np.ndarray]:
         """(p, expected layers to next use), both [L, J]."""

@@ -1,7 +1,11 @@
 """A local, read-mostly replica of the expert-map store for the searches on the critical path.
 
 ``index()`` returns a ``SearchIndex`` over the store's current arrays, rebuilt only when the
-store's version changed (so no per-layer round trip to the store). ``publish`` hands finished
+store's version changed, checked every ``refresh_every`` calls (policies call it once per
+iteration; so no per-layer round trip to the store). A run that publishes every iteration would
+otherwise rebuild the index every iteration (about 1 ms for 1,000 maps, work the planner thread
+does under the GIL); checking every 8 iterations left the replay's hit rates unchanged to 0.001
+(24 held-out dev_mix prompts, hybrid and finemoe, ratios 1 and 13.1). ``publish`` hands finished
 iteration maps to the store.
 """
 
@@ -18,8 +22,11 @@ from expertmap.predictor.search import SearchIndex
 logger = logging.getLogger(__name__)
 
 
+REFRESH_EVERY = 8  # iterations between version checks
+
+
 class StoreReplica:
-    def __init__(self, store, refresh_every: int = 1):
+    def __init__(self, store, refresh_every: int = REFRESH_EVERY):
         self.store = store
         self.refresh_every = max(1, refresh_every)  # iterations between version checks
         self._index: SearchIndex | None = None

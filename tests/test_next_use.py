@@ -23,6 +23,23 @@ def test_groups_follow_the_position():
     assert x.reshape(4, 3, -1)[2, :, gate_col].tolist() == pytest.approx([0.7, 0.2, 0.1])
 
 
+def test_every_feature_column_holds_its_named_value():
+    s = NextUseState(2, 2)
+    s.start(3, None, None, 4)
+    s.router(0, np.array([0.9, 0.1]), np.array([0.6, 0.4]))
+    s.used(0, [0])
+    x, _, _ = s.features()
+    col = {name: x[:, i] for i, name in enumerate(FEATURES)}
+    assert col["bias"].tolist() == [1.0] * 4
+    assert col["gate"].tolist() == pytest.approx([0.0, 0.0, 0.6, 0.4])  # the gate is layer 1's
+    assert col["used this pass"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert col["ewma slow"].tolist() == pytest.approx([0.1, 0.0, 0.0, 0.0])
+    assert col["log tokens"].tolist() == pytest.approx([np.log(4)] * 4)
+    assert col["request rate"].tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])  # one iteration, used in it
+    for name in ("semantic", "trajectory", "gate", "ewma slow", "soft ewma", "prompt map"):
+        assert col["log " + name] == pytest.approx(np.log(col[name] + 1e-3))
+
+
 def test_expected_time_grows_as_the_probability_falls():
     weights = [[0.0] * len(FEATURES) for _ in GROUPS]
     for w in weights:
@@ -100,5 +117,22 @@ def test_the_bench_and_the_runtime_give_hybrid_the_folder_weights(tmp_path):
     engine = OffloadEngine(EngineConfig(model=folder, policy="hybrid", link=LinkConfig(mode="instant", profile="instant")))
     try:
         assert engine.runtime.policy.model.weights[2][0] == -3.0
+    finally:
+        engine.close()
+
+
+def test_the_runtime_counts_the_planner_threads_work_as_prediction_cost():
+    """The planner's time (busy_s) is part of what prediction costs, beside the callbacks."""
+    from expertmap.actors.config import EngineConfig, LinkConfig
+    from expertmap.actors.engine import OffloadEngine
+
+    engine = OffloadEngine(EngineConfig(policy="hybrid", link=LinkConfig(mode="instant", profile="instant")))
+    try:
+        engine.generate(engine.tokenizer("The expert map").input_ids, max_new_tokens=6, do_sample=False)
+        assert engine.runtime.policy.planner.drain(5)
+        busy = engine.runtime.policy.background_s
+        assert busy > 0
+        assert engine.prediction_frac == pytest.approx((engine.runtime.policy_s + busy) / engine.runtime.iterations_s)
+        assert engine.prediction_frac > engine.overhead_frac > 0
     finally:
         engine.close()

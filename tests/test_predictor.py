@@ -159,6 +159,37 @@ def test_background_planner_applies_everything_but_skips_stale_plans():
     planner.close()
 
 
+def test_background_planner_plans_only_for_planning_items_and_counts_its_time():
+    applied, planned = [], []
+    planner = BackgroundPlanner(applied.append, lambda: planned.append(applied[-1]), synchronous=True)
+    planner.submit("router", replan=False)
+    planner.submit("used")
+    assert applied == ["router", "used"] and planned == ["used"]  # one plan, after both updates
+
+    gate = threading.Event()
+
+    def slow_apply(item):
+        gate.wait(5)
+        start = time.thread_time()
+        while time.thread_time() - start < 0.01:  # 10 ms of the worker's CPU time
+            pass
+        applied.append(item)
+
+    applied.clear()
+    planned.clear()
+    planner = BackgroundPlanner(slow_apply, lambda: planned.append(applied[-1]), maxsize=64)
+    planner.submit(1)  # a planning item whose plan is owed while newer state is waiting
+    planner.submit(2, replan=False)
+    gate.set()
+    assert planner.drain(5)
+    assert applied == [1, 2] and planned[-1] == 2  # the owed plan runs after the last update
+    planner.submit(3, replan=False)
+    assert planner.drain(5)
+    assert planned[-1] == 2  # an update alone does not plan
+    assert planner.busy_s >= 0.03  # three applies of at least 10 ms each
+    planner.close()
+
+
 def test_background_planner_drops_when_full_and_says_so():
     dropped = []
     block = threading.Event()

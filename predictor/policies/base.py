@@ -183,6 +183,11 @@ class Policy:
     def close(self) -> None:
         """Stop background work."""
 
+    @property
+    def background_s(self) -> float:
+        """Seconds of work on the policy's own threads so far (its planner; default: none)."""
+        return 0.0
+
     # --- cache callbacks (under the cache lock) ----------------------------------------------
     def on_access(self, key: Key, hit: bool) -> None:
         self._clock += 1

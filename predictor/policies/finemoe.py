@@ -160,7 +160,12 @@ class FineMoE(Policy):
     def on_router(self, event: RouterEvent):
         probs = event.probs
         last = probs[-1].float().clone() if self._code_targets else None  # the code's trajectory query
-        self.planner.submit(("router", self.pos.iteration, event.layer, probs.float().mean(dim=0), last, event))
+        item = ("router", self.pos.iteration, event.layer, probs.float().mean(dim=0), last, event)
+        self.planner.submit(item, replan=self._plans_after_router(event.layer))
+
+    def _plans_after_router(self, layer: int) -> bool:
+        """Whether a router event of ``layer`` is followed by planning (FineMoE: always)."""
+        return True
 
     def on_iteration_end(self, iteration):
         self.planner.submit(("end", iteration, None))
@@ -273,11 +278,9 @@ class FineMoE(Policy):
         kind = item[0]
         if kind == "start":
             _, iteration, emb = item
-            self._embedding = None if emb is None else emb.cpu().numpy()
-            self._iteration_maps = []
+            self._begin_iteration(emb)
             self._layer_pred = {}
             self._observed_layer = -1
-            self._index = self.replica.index() if self.replica is not None else None
             self._trajectory = self._index.trajectory() if self._index is not None else None
             if self._index is not None and self._embedding is not None:
                 best, sim = self._index.semantic(self._embedding)
@@ -302,9 +305,19 @@ class FineMoE(Policy):
                     for target in range(layer + 1, self.ctx.num_layers):
                         self._layer_pred[target] = (self._index.maps[best, target], sim)
         elif kind == "end":
-            if self.publish and self.replica is not None and self._embedding is not None:
-                if len(self._iteration_maps) == self.ctx.num_layers:
-                    self.replica.publish(self._embedding, np.stack(self._iteration_maps))
+            self._publish_iteration()
+
+    def _begin_iteration(self, emb) -> None:
+        """A new iteration's embedding [D] (a tensor or None), its map so far, the store's index."""
+        self._embedding = None if emb is None else emb.cpu().numpy()
+        self._iteration_maps = []
+        self._index = self.replica.index() if self.replica is not None else None
+
+    def _publish_iteration(self) -> None:
+        """The finished iteration's map [L, J] to the store, when this cache publishes and saw every layer."""
+        if self.publish and self.replica is not None and self._embedding is not None:
+            if len(self._iteration_maps) == self.ctx.num_layers:
+                self.replica.publish(self._embedding, np.stack(self._iteration_maps))
 
     def _replan(self):
         if self._code_targets:
@@ -321,6 +334,10 @@ class FineMoE(Policy):
                 plan.append(Prefetch((target, e), priority=p / (target - now)))
         plan.sort(key=lambda pf: -pf.priority)
         self._plan = plan
+
+    @property
+    def background_s(self):
+        return self.planner.busy_s
 
     def close(self):
         self.planner.close()

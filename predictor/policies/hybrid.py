@@ -11,7 +11,9 @@ popularity, the distance in layers; a small logistic model fitted on warm-up tra
 - prefetch order: soonest expected use first, over every layer of this cache (the next layers of
   this iteration and the early layers of the next one), never more than the cache holds.
 All of it runs on the background planner (the compute thread only enqueues its events); the cache
-reads the newest estimate. The map searches and publishing are FineMoE's (the paper's rules).
+reads the newest estimate. It plans once per layer, when the layer's experts are chosen.
+The hint plan and map publishing are FineMoE's (the paper's rules); the searches are
+``NextUseState``'s.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from expertmap.predictor.next_use import NextUseModel, NextUseState
-from expertmap.predictor.policies.base import Prefetch
+from expertmap.predictor.policies.base import Policy, Prefetch
 from expertmap.predictor.policies.finemoe import FineMoE, FineMoETuning
 
 # Fitted by `python -m expertmap.bench.fit_next_use --workload .../dev_mix.jsonl --out
@@ -92,31 +94,48 @@ class Hybrid(FineMoE):
         super().on_layer_start(layer, experts)
         self.planner.submit(("used", layer, list(experts)))
 
+    def _plans_after_router(self, layer):
+        # a layer this cache computes is followed at once by its use (on_layer_start), which plans:
+        # one plan per layer; an earlier stage's layer (its trajectory replayed) has no use event
+        return not self._owned[layer]
+
+    # FineMoE's visit and access counts are its eviction score's: hybrid keeps only the base's recency
+    on_access = Policy.on_access
+    on_insert = Policy.on_insert
+    on_evict = Policy.on_evict
+
     # --- background planner ------------------------------------------------------------------------
     def _apply(self, item):
-        super()._apply(item)
+        """The planner's state updates; FineMoE's own searches are not run (``NextUseState`` does
+        the semantic and trajectory matches hybrid uses), only its map publishing."""
         kind = item[0]
         if kind == "start":
             _, iteration, emb = item
+            self._begin_iteration(emb)
             self.state.start(iteration, self._index, self._embedding, self._tokens)
         elif kind == "router":
             _, _, layer, mean, _, event = item
+            dist = mean.cpu().numpy()  # [J]
+            self._iteration_maps.append(dist)
             gate = event.next_gate() if event is not None else None
-            gate = None if gate is None else gate.float().amax(dim=0).cpu().numpy()
-            self.state.router(layer, mean.cpu().numpy(), gate)
+            gate = None if gate is None else gate.float().amax(dim=0).cpu().numpy()  # [J]
+            self.state.router(layer, dist, gate)
         elif kind == "used":
             _, layer, experts = item
             self.state.used(layer, experts)
+        elif kind == "end":
+            self._publish_iteration()
 
     def _replan(self):
         p, t = self.state.next_use(self.model)
         self._t = t
         if not self.ctx.prefetch:
             return
-        t = np.where(self._owned[:, None] & (p >= self.tuning.min_p), t, np.inf)
-        order = np.argsort(t, axis=None, kind="stable")[: self.ctx.num_slots]
-        J = self.ctx.num_experts
-        self._plan = [Prefetch((int(i // J), int(i % J)), -float(t.flat[i])) for i in order if np.isfinite(t.flat[i])]
+        t = np.where(self._owned[:, None] & (p >= self.tuning.min_p), t, np.inf).reshape(-1)  # [L*J]
+        order = np.argsort(t, kind="stable")[: self.ctx.num_slots]
+        order = order[np.isfinite(t[order])]
+        layers, experts = np.divmod(order, self.ctx.num_experts)
+        self._plan = [Prefetch((l, e), -v) for l, e, v in zip(layers.tolist(), experts.tolist(), t[order].tolist())]
 
     # --- the cache's questions ---------------------------------------------------------------------
     def time_to_next_use(self, key) -> float:
