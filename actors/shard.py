@@ -366,7 +366,8 @@ class ShardRuntime:
             self.on_embeddings(torch.cat([s.embedding for s in steps]).cpu().numpy())
         self.iteration += 1
         self.runner.start_iteration()
-        self._timed(self.policy.on_iteration_start, self.iteration, torch.cat([s.embedding for s in steps]))  # [B, D]
+        tokens = max(len(s.token_ids) for s in steps)  # > 1: a request's prefill is among them
+        self._timed(self.policy.on_iteration_start, self.iteration, torch.cat([s.embedding for s in steps]), tokens)  # [B, D]
         self._emit("on_iteration_start", self.iteration, steps)
         self._replay_trajectories(steps)
         self.cache.poke()
@@ -450,7 +451,10 @@ class ShardRuntime:
             gate = None
             if nxt is not None:
                 router_input = args[0].detach()
-                gate = lambda: self.adapter.router_probs(nxt.forward(router_input)).detach()  # noqa: E731
+
+                @torch.no_grad()  # grad mode is per thread: the planner thread that calls it has its own
+                def gate():
+                    return self.adapter.router_probs(nxt.forward(router_input))
             event = RouterEvent(layer, probs, gate)
             self._timed(self.policy.on_router, event)
             if self._listeners:

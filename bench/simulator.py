@@ -245,7 +245,7 @@ def replay(
         for it in req.iterations:
             iteration += 1
             t0 = t
-            policy.on_iteration_start(iteration, torch.from_numpy(it.embedding)[None])
+            policy.on_iteration_start(iteration, torch.from_numpy(it.embedding)[None], it.num_tokens)
             compute = prefill_unit(it.num_tokens)
             for layer, (probs, gate, experts) in enumerate(zip(it.probs, it.next_gate, it.selected)):
                 cache.advance(t)

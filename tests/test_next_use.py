@@ -130,6 +130,9 @@ def test_the_runtime_counts_the_planner_threads_work_as_prediction_cost():
     try:
         engine.generate(engine.tokenizer("The expert map").input_ids, max_new_tokens=6, do_sample=False)
         assert engine.runtime.policy.planner.drain(5)
+        state = engine.runtime.policy.state  # the prefill reached it as one (its token count > 1):
+        assert state.request_iterations == 6  # this request's iterations, counted from its prefill
+        assert not np.allclose(state.prompt, 1 / state.J)  # the prompt's routing, as in the fit
         busy = engine.runtime.policy.background_s
         assert busy > 0
         assert engine.prediction_frac == pytest.approx((engine.runtime.policy_s + busy) / engine.runtime.iterations_s)

@@ -157,8 +157,10 @@ class Policy:
         self._clock = 0
 
     # --- run callbacks (compute thread) ------------------------------------------------------
-    def on_iteration_start(self, iteration: int, embedding: torch.Tensor | None) -> None:
-        """A new iteration; ``embedding`` is its semantic embedding [B, D] (token-embedding output, pooled)."""
+    def on_iteration_start(self, iteration: int, embedding: torch.Tensor | None, tokens: int = 1) -> None:
+        """A new iteration; ``embedding`` is its semantic embedding [B, D] (token-embedding output,
+        pooled per request); ``tokens`` the most tokens one request computes in it (a prefill's
+        prompt length, 1 when every request decodes)."""
         self.pos = Position(iteration, -1)
 
     def on_router(self, event: RouterEvent) -> None:

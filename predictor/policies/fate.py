@@ -62,8 +62,8 @@ class Fate(Policy):
         if self.ctx.prefetch:
             self._plan = gate_prediction(event, self.ctx.top_k + 1)
 
-    def on_iteration_start(self, iteration, embedding):
-        super().on_iteration_start(iteration, embedding)
+    def on_iteration_start(self, iteration, embedding, tokens=1):
+        super().on_iteration_start(iteration, embedding, tokens)
         self._plan = []
 
     def prefetch_plan(self):

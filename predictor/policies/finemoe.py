@@ -151,11 +151,11 @@ class FineMoE(Policy):
         self.candidates = frozenset()
         self._plan = []
 
-    def on_iteration_start(self, iteration, embedding):
-        super().on_iteration_start(iteration, embedding)
+    def on_iteration_start(self, iteration, embedding, tokens=1):
+        super().on_iteration_start(iteration, embedding, tokens)
         self._hint_plan = []  # this iteration's own plan takes over
         emb = None if embedding is None else embedding.detach().float().mean(dim=0)  # [D], batch pooled
-        self.planner.submit(("start", iteration, emb))
+        self.planner.submit(("start", iteration, emb, tokens))
 
     def on_router(self, event: RouterEvent):
         probs = event.probs
@@ -277,7 +277,7 @@ class FineMoE(Policy):
     def _apply(self, item):
         kind = item[0]
         if kind == "start":
-            _, iteration, emb = item
+            _, iteration, emb, _ = item
             self._begin_iteration(emb)
             self._layer_pred = {}
             self._observed_layer = -1

@@ -71,7 +71,6 @@ class Hybrid(FineMoE):
         self._t = np.full((ctx.num_layers, ctx.num_experts), 1e6)  # expected layers to next use
         self._owned = np.zeros(ctx.num_layers, bool)
         self._owned[list(ctx.owned_layers)] = True
-        self._tokens = 1
         super().__init__(ctx)
         self.model = self.tuning.model
         self.margin = self.tuning.margin
@@ -86,10 +85,6 @@ class Hybrid(FineMoE):
         self._t = np.full_like(self._t, 1e6)
 
     # --- compute thread: enqueue only ----------------------------------------------------------
-    def on_iteration_start(self, iteration, embedding):
-        self._tokens = 1 if embedding is None else int(embedding.shape[0])
-        super().on_iteration_start(iteration, embedding)
-
     def on_layer_start(self, layer, experts):
         super().on_layer_start(layer, experts)
         self.planner.submit(("used", layer, list(experts)))
@@ -110,9 +105,9 @@ class Hybrid(FineMoE):
         the semantic and trajectory matches hybrid uses), only its map publishing."""
         kind = item[0]
         if kind == "start":
-            _, iteration, emb = item
+            _, iteration, emb, tokens = item
             self._begin_iteration(emb)
-            self.state.start(iteration, self._index, self._embedding, self._tokens)
+            self.state.start(iteration, self._index, self._embedding, tokens)
         elif kind == "router":
             _, _, layer, mean, _, event = item
             dist = mean.cpu().numpy()  # [J]
