@@ -362,12 +362,13 @@ class ShardRuntime:
             else:
                 h = step.hidden.to(self.device)
             hidden.append(h)
+        embeddings = torch.cat([s.embedding for s in steps])  # [B, D]
         if self.on_embeddings is not None:  # downstream stages start copying before the activations come
-            self.on_embeddings(torch.cat([s.embedding for s in steps]).cpu().numpy())
+            self.on_embeddings(embeddings.cpu().numpy())
         self.iteration += 1
         self.runner.start_iteration()
         tokens = max(len(s.token_ids) for s in steps)  # > 1: a request's prefill is among them
-        self._timed(self.policy.on_iteration_start, self.iteration, torch.cat([s.embedding for s in steps]), tokens)  # [B, D]
+        self._timed(self.policy.on_iteration_start, self.iteration, embeddings, tokens)
         self._emit("on_iteration_start", self.iteration, steps)
         self._replay_trajectories(steps)
         self.cache.poke()

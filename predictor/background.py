@@ -7,10 +7,11 @@ updates state (the next planning item plans with it). If the queue is full the i
 counted, and the consumer is told (``on_drop``) so it can stop trusting its incremental state.
 ``synchronous=True`` runs everything inline (the trace-driven simulator, tests).
 
-``busy_s`` is the worker's CPU time in ``apply`` and ``plan`` (not its waits for the interpreter). Python runs one thread at a time (the
-GIL), so on a machine where the compute thread is Python-bound this work is not free: the
-compute thread waits for it whenever it wants the interpreter back (measured on the bundled model,
-docs/benchmarks.md: the worker made iterations no faster than running it inline).
+``busy_s`` is the worker's CPU time in ``apply`` and ``plan`` (not its waits for the
+interpreter). Python runs one thread at a time (the GIL), so where the compute thread is
+Python-bound this work is not free: the compute thread waits for it whenever it wants the
+interpreter back (measured on the bundled model, bench/results/prediction_cost: the worker made
+iterations no faster than running it inline).
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ FEATURES = (
 )  # fmt: skip
 _COLUMN = {name: i for i, name in enumerate(FEATURES)}
 #: (log column, its source column) in FEATURES
-_LOG_OF = np.array([(_COLUMN["log " + name], _COLUMN[name])
-                    for name in ("semantic", "trajectory", "gate", "ewma slow", "soft ewma", "prompt map")])  # fmt: skip
+_LOGGED = ("semantic", "trajectory", "gate", "ewma slow", "soft ewma", "prompt map")
+_LOG_OF = np.array([(_COLUMN["log " + name], _COLUMN[name]) for name in _LOGGED])
 GROUPS = ("next layer", "later this iteration", "next iteration")
 FAST, SLOW = 0.5, 0.9  # per-iteration decay of the two moving averages of use
 SOFT = 0.8  # per-iteration decay of the moving average of the router's distribution
