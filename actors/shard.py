@@ -195,8 +195,13 @@ class ShardRuntime:
         self.replica = inputs.replica
         self.publish = inputs.publish and spec.last  # the last stage publishes each request's finished map
         owned = None if len(self.moe) == self.num_moe_layers else tuple(m.index for m in self.moe)
+        self.bandwidth: float | None = None
+        copy_layers = 0.0 if mode == "instant" else None  # a CUDA link's copy time is not known ahead
+        if mode == "emulated":
+            self.bandwidth = link_bandwidth(config.link, self.host.expert_bytes, self.layer_time_s)
+            copy_layers = self.host.expert_bytes / self.bandwidth / self.layer_time_s
         ctx = inputs.context(self.num_moe_layers, self.num_experts, self.top_k, self.num_slots, config.prefetch,
-                             owned, publish=False)  # fmt: skip
+                             owned, publish=False, copy_layers=copy_layers)  # fmt: skip
         self.policy = make_policy(config.policy, ctx)
         self.pool = SlotPool(self.num_slots, self.host.shapes, dtype, self.device)
         first = make_transfer("cuda" if mode == "cuda" else "instant", self.pool, self.device, None)
@@ -204,9 +209,7 @@ class ShardRuntime:
             self.pool, first, self.policy, self.host.at_precision, self.host.expert_bytes,
             name=f"stage{spec.index}", precision_bytes=self.host.precision_bytes,
         )  # fmt: skip
-        self.bandwidth: float | None = None
         if mode == "emulated":
-            self.bandwidth = link_bandwidth(config.link, self.host.expert_bytes, self.layer_time_s)
             self.cache.transfer = EmulatedLink(self.pool, self.bandwidth)
         self.policy_s = 0.0  # time in policy callbacks on the compute thread (the critical path)
         self.iterations_s = 0.0

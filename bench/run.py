@@ -134,9 +134,10 @@ class PolicyFactory:
             tuning=cls.tuning_for_model(self.model) if self.model is not None else None,
         )
 
-    def make(self, name, slots, prefetch, trace, distance=None):
+    def make(self, name, slots, prefetch, trace, distance=None, copy_layers=None):
         L, J, k = self.shape
-        return make_policy(name, self.inputs(name, trace, True, distance).context(L, J, k, slots, prefetch))
+        inputs = self.inputs(name, trace, True, distance)
+        return make_policy(name, inputs.context(L, J, k, slots, prefetch, copy_layers=copy_layers))
 
 
 def variants(policies) -> list[tuple[str, str, bool]]:
@@ -168,7 +169,7 @@ def replay_row(factory, name, prefetch, traces, slots, ratio, layer_s, expert_by
     HostConfig with its ratios (``host_config``). ``make_cache``: a copy-mode replay cache of the
     caller's (bench/regimes.py: with loss attribution)."""
     t0 = time.perf_counter()
-    policy = factory.make(name, slots, prefetch, access_trace(traces), distance)
+    policy = factory.make(name, slots, prefetch, access_trace(traces), distance, copy_layers=ratio)
     if policy.host_misses:
         miss = "host"
     if miss != "copy":

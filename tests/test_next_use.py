@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from expertmap.predictor.next_use import FEATURES, GROUPS, NextUseModel, NextUseState, _logistic
-from expertmap.predictor.policies.base import PolicyContext, Prefetch
+from expertmap.predictor.policies.base import PolicyContext, Prefetch, RouterEvent
 from expertmap.predictor.policies.hybrid import Hybrid, HybridTuning
 
 
@@ -78,6 +79,19 @@ def test_hybrid_evicts_the_latest_and_admits_only_an_earlier_prefetch():
     h.close()
 
 
+@pytest.mark.parametrize("copy_layers, plans", [(None, True), (0.0, True), (3.9, True), (4.0, False), (13.1, False)])
+def test_hybrid_prefetches_only_when_a_copy_can_land_before_its_pass(copy_layers, plans):
+    """4 MoE layers: the plan names experts at most 4 layers ahead, so a copy of 4 layer times or
+    more cannot land in time and hybrid plans nothing (eviction and admission stay)."""
+    h = Hybrid(PolicyContext(4, 4, 1, 4, synchronous=True, prefetch_distance=1, copy_layers=copy_layers))
+    h.on_iteration_start(0, torch.ones(1, 8), 5)
+    h.on_router(RouterEvent(0, torch.tensor([[0.7, 0.1, 0.1, 0.1]]), torch.tensor([[0.1, 0.6, 0.2, 0.1]])))
+    h.on_layer_start(0, [0])
+    assert bool(h.prefetch_plan()) == plans
+    assert np.isfinite(h._t).all()  # the next-use estimate is kept either way (eviction uses it)
+    h.close()
+
+
 def test_a_model_folder_ships_its_own_next_use_weights(tmp_path):
     import json
 
@@ -137,5 +151,20 @@ def test_the_runtime_counts_the_planner_threads_work_as_prediction_cost():
         assert busy > 0
         assert engine.prediction_frac == pytest.approx((engine.runtime.policy_s + busy) / engine.runtime.iterations_s)
         assert engine.prediction_frac > engine.overhead_frac > 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("link, copy_layers, plans", [("instant", 0.0, True), ("ratio:3", 3.0, True),
+                                                     ("rtx3090-pcie4-mixtral", 13.1, False)])
+def test_the_runtime_tells_the_policy_its_copy_time_in_layers(link, copy_layers, plans):
+    from expertmap.actors.config import EngineConfig
+    from expertmap.actors.engine import OffloadEngine
+    from expertmap.actors.link_profiles import link_config
+
+    engine = OffloadEngine(EngineConfig(policy="hybrid", link=link_config(link)))
+    try:
+        assert engine.runtime.policy.ctx.copy_layers == pytest.approx(copy_layers, abs=0.05)
+        assert engine.runtime.policy.prefetches == plans  # the bundled model has 8 MoE layers
     finally:
         engine.close()

@@ -70,6 +70,8 @@ class PolicyInputs:
     tuning: Any = None
     #: warm-up usage counts [L, J]: how often each expert was selected in the warm-up traces (host-static)
     usage: np.ndarray | None = None
+    #: one expert copy's time in decode-layer times (the link's ratio; 0: instant); None: not known
+    copy_layers: float | None = None
 
     def context(self, num_layers: int, num_experts: int, top_k: int, num_slots: int, prefetch: bool = True,
                 layers: tuple[int, ...] | None = None, **overrides) -> PolicyContext:  # fmt: skip
