@@ -456,9 +456,9 @@ class ShardRuntime:
             if nxt is not None:
                 router_input = args[0].detach()
 
-                @torch.no_grad()  # grad mode is per thread: the planner thread that calls it has its own
                 def gate():
-                    return self.adapter.router_probs(nxt.forward(router_input))
+                    with torch.no_grad():  # grad mode is per thread: the planner thread calling it has its own
+                        return self.adapter.router_probs(nxt.forward(router_input))
             event = RouterEvent(layer, probs, gate)
             self._timed(self.policy.on_router, event)
             if self._listeners:

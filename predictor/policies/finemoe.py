@@ -112,6 +112,7 @@ class FineMoE(Policy):
         self.rules = self._rules()
         self.replica = ctx.replica
         self.distance = ctx.prefetch_distance
+        self.prefetches = ctx.prefetch  # whether it copies ahead at all (a subclass may narrow it)
         if not 1 <= self.distance <= ctx.num_layers:
             raise ValueError(f"prefetch distance {self.distance} must be in 1..{ctx.num_layers} (MoE layers)")
         self.publish = ctx.publish
@@ -221,7 +222,7 @@ class FineMoE(Policy):
         return victim is None or not self.is_protected(victim)
 
     def prefetch_plan(self):
-        return (self._plan or self._hint_plan) if self.ctx.prefetch else []
+        return (self._plan or self._hint_plan) if self.prefetches else []
 
     def on_hint(self, embeddings):
         """Semantic prediction for this cache's first ``d`` layers, made when an earlier stage has
@@ -230,7 +231,7 @@ class FineMoE(Policy):
         count, priority p / (rank of the layer among this cache's layers); the union over requests
         with each expert's highest priority."""
         index = self.replica.index() if self.replica is not None else None
-        if index is None or not self.ctx.prefetch:
+        if index is None or not self.prefetches:
             return 0
         first = self.ctx.owned_layers[: self.distance]
         best_p: dict[Key, float] = {}
@@ -290,8 +291,7 @@ class FineMoE(Policy):
                     self._band(self._index.maps[best], sim, 0, self.distance)
         elif kind == "router":
             _, iteration, layer, mean, last, self._last_event = item
-            dist = mean.cpu().numpy()  # the iteration's map (published)
-            self._iteration_maps.append(dist)
+            dist = self._record_layer(mean)
             self._observed_layer = layer
             if self._trajectory is not None and self._trajectory.observed == layer:
                 query = last.cpu().numpy() if self._code_targets else dist  # code: the last token's
@@ -312,6 +312,12 @@ class FineMoE(Policy):
         self._embedding = None if emb is None else emb.cpu().numpy()
         self._iteration_maps = []
         self._index = self.replica.index() if self.replica is not None else None
+
+    def _record_layer(self, mean) -> np.ndarray:
+        """A layer's mean router distribution (a tensor) as a row [J] of the iteration's map."""
+        dist = mean.cpu().numpy()
+        self._iteration_maps.append(dist)
+        return dist
 
     def _publish_iteration(self) -> None:
         """The finished iteration's map [L, J] to the store, when this cache publishes and saw every layer."""

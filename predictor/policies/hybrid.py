@@ -80,6 +80,7 @@ class Hybrid(FineMoE):
         self.margin = self.tuning.margin
         slow_link = ctx.copy_layers is not None and ctx.copy_layers >= ctx.num_layers
         self.prefetches = ctx.prefetch and not slow_link  # a copy could land before the pass it is for
+        # (FineMoE's prefetch_plan and on_hint read it: no plan and no hint plan on such a link)
         self.contains = lambda key: False  # set by the cache: resident or in flight
 
     def _rules(self):
@@ -116,8 +117,7 @@ class Hybrid(FineMoE):
             self.state.start(iteration, self._index, self._embedding, tokens)
         elif kind == "router":
             _, _, layer, mean, _, event = item
-            dist = mean.cpu().numpy()  # [J]
-            self._iteration_maps.append(dist)
+            dist = self._record_layer(mean)  # [J]
             gate = event.next_gate() if event is not None else None
             gate = None if gate is None else gate.float().amax(dim=0).cpu().numpy()  # [J]
             self.state.router(layer, dist, gate)
@@ -151,7 +151,3 @@ class Hybrid(FineMoE):
             return True
         return self._t[prefetch.key] + self.margin < self._t[victim]
 
-    def prefetch_plan(self):
-        if not self.prefetches:
-            return []
-        return self._plan or self._hint_plan
