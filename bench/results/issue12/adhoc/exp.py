@@ -18,7 +18,7 @@ def run(name, evals, factory, slots, ratio, tuning=None, prefetch=True, attrib=F
     if tuning is not None:
         inputs = dataclasses.replace(inputs, tuning=tuning)
     L, J, k = factory.shape
-    pol = make_policy(name, inputs.context(L, J, k, slots, prefetch))
+    pol = make_policy(name, inputs.context(L, J, k, slots, prefetch, copy_layers=ratio))
     t0 = time.perf_counter()
     if attrib:
         res, att = attributed_replay(pol, evals, slots, ratio)
