@@ -128,6 +128,11 @@ class OffloadEngine:
         return self.runtime.prediction_frac
 
     @property
+    def process_frac(self) -> float:
+        """The policy's planner process's CPU time as a fraction of iteration time (another core's)."""
+        return self.runtime.process_frac
+
+    @property
     def stats(self) -> CacheStats:
         return self.cache.snapshot_stats()
 

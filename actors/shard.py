@@ -200,8 +200,10 @@ class ShardRuntime:
         if mode == "emulated":
             self.bandwidth = link_bandwidth(config.link, self.host.expert_bytes, self.layer_time_s)
             copy_layers = self.host.expert_bytes / self.bandwidth / self.layer_time_s
+        routers = self._linear_routers() if policy_class(config.policy).needs_linear_routers else None
         ctx = inputs.context(self.num_moe_layers, self.num_experts, self.top_k, self.num_slots, config.prefetch,
-                             owned, publish=False, copy_layers=copy_layers)  # fmt: skip
+                             owned, publish=False, copy_layers=copy_layers, linear_routers=routers,
+                             hidden_size=self.hf_config.hidden_size)  # fmt: skip
         self.policy = make_policy(config.policy, ctx)
         self.pool = SlotPool(self.num_slots, self.host.shapes, dtype, self.device)
         first = make_transfer("cuda" if mode == "cuda" else "instant", self.pool, self.device, None)
@@ -339,6 +341,19 @@ class ShardRuntime:
             )
         return state
 
+    def _linear_routers(self) -> dict:
+        """{MoE layer: its router as NumPy} for this shard's layers, where the adapter can give it (a
+        planner process computes the layer's distribution and the cross-layer gate with them)."""
+        routers = {}
+        for moe in self.moe:
+            router = self.adapter.linear_router(moe.router, self.top_k)
+            if router is not None:
+                routers[moe.index] = router
+        if len(routers) < len(self.moe):
+            logger.info("stage %d: %d of %d routers are not linear maps a planner process can apply",
+                        self.spec.index, len(self.moe) - len(routers), len(self.moe))  # fmt: skip
+        return routers
+
     def _timed(self, fn, *args):
         t0 = time.perf_counter()
         fn(*args)
@@ -453,13 +468,13 @@ class ShardRuntime:
             for mine, part in zip(self._probs, parts):
                 mine.append(part.float().mean(dim=0))
             gate = None
+            router_input = args[0].detach()  # [sum T, H]
             if nxt is not None:
-                router_input = args[0].detach()
 
                 def gate():
                     with torch.no_grad():  # grad mode is per thread: the planner thread calling it has its own
                         return self.adapter.router_probs(nxt.forward(router_input))
-            event = RouterEvent(layer, probs, gate)
+            event = RouterEvent(layer, probs, gate, router_input)
             self._timed(self.policy.on_router, event)
             if self._listeners:
                 start = 0
@@ -522,6 +537,12 @@ class ShardRuntime:
         planner shares the interpreter with it), an upper bound where it is not."""
         total = self.policy_s + self.policy.background_s
         return total / self.iterations_s if self.iterations_s else 0.0
+
+    @property
+    def process_frac(self) -> float:
+        """The CPU time of the policy's planner process (off this interpreter, on another core
+        where there is one) as a fraction of iteration time; 0 for policies without one."""
+        return self.policy.process_s / self.iterations_s if self.iterations_s else 0.0
 
     def stats(self) -> dict:
         s: CacheStats = self.cache.snapshot_stats()

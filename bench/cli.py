@@ -16,6 +16,7 @@ from expertmap.actors import defaults
 from expertmap.actors.config import Budget, require_model_folder
 from expertmap.actors.link_profiles import link_config
 from expertmap.bench.paths import DEFAULT_WORKLOAD
+from expertmap.predictor.policies.base import PLANNERS
 from expertmap.cluster.cli import UsageError, _positive, _workload
 
 DEFAULT_OUT = "bench/results/latest"
@@ -52,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the sampling and of the warm/eval split (default 0)")
     b.add_argument("--engine-prompts", type=int, default=None,
                    help="prompts also run on the real-time engine (default 8; 0 skips it; minilm: 0)")
+    b.add_argument("--planner", choices=PLANNERS, default="process",
+                   help="where the engine run's hybrid plans: a process of its own (default) or a thread of "
+                   "the serving interpreter (the replay plans inline either way)")
     b.add_argument("--embedding", choices=("token", "minilm"), default="token",
                    help="semantic embedding for the map store: the model's pooled token embeddings (FineMoE's) "
                    "or all-MiniLM-L6-v2 of the text seen so far (needs the [minilm] extra)")
@@ -156,7 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     sweeps = dict(budgets=(), distances=()) if args.grid_only else {}
     cfg = BenchConfig(engine_prompts=engine_prompts, embedding=args.embedding, miss=args.miss, host=args.host,
-                      grid_budgets=grid_budgets, **sweeps, **common)  # fmt: skip
+                      grid_budgets=grid_budgets, planner=args.planner, **sweeps, **common)  # fmt: skip
     run(cfg)
     print(f"wrote {cfg.out}/results.json, results.md, outputs.jsonl and plots")
     print((cfg.out / "results.md").read_text())

@@ -73,6 +73,7 @@ class BenchConfig:
     # auto every policy also runs in that mode beside copy, and the host-all / host-static baselines run
     miss: str = defaults.MISS
     host: str = defaults.HOST  # a host profile (expertmap.actors.host_profiles) or ratio:R
+    planner: str = "process"  # where the engine run's policies plan (PolicyInputs.planner)
 
 
 def replay_ratio(link: LinkConfig) -> float:
@@ -117,9 +118,10 @@ def request_eams(traces: list[RequestTrace], num_layers: int, num_experts: int) 
 class PolicyFactory:
     """Builds each policy with what it needs: the oracle its trace, map policies a store replica."""
 
-    def __init__(self, store, eams, shape, distance, model: Path | None = None):
+    def __init__(self, store, eams, shape, distance, model: Path | None = None, planner: str = "process"):
         self.store, self.eams, self.shape, self.distance = store, eams, shape, distance
         self.model = model  # its folder: policies take the settings it ships (Policy.tuning_for_model)
+        self.planner = planner  # where a background planner runs (PolicyInputs.planner)
 
     def inputs(self, name: str, trace, synchronous: bool, distance: int | None = None) -> PolicyInputs:
         """What policy ``name`` needs, by its class's flags (each its own copy of the store)."""
@@ -130,6 +132,7 @@ class PolicyFactory:
             trace=trace if cls.needs_trace else None,
             eams=self.eams.copy() if cls.needs_eams else None,
             synchronous=synchronous,
+            planner=self.planner,
             usage=self.eams.sum(axis=0) if cls.needs_usage else None,  # warm-up selections per expert
             tuning=cls.tuning_for_model(self.model) if self.model is not None else None,
         )
@@ -246,6 +249,7 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
             "tokens_per_s": len(tpots) / max(1e-9, sum(tpots)),
             "overhead_frac": engine.overhead_frac,
             "prediction_frac": engine.prediction_frac,
+            "process_frac": engine.process_frac,
             "accesses": s.accesses,
             "texts_equal_resident": None,
             "layer_time_s": engine.layer_time_s,
@@ -310,7 +314,8 @@ def run(cfg: BenchConfig) -> dict:
     probe.close()
 
     store = build_store(warm_traces, L, J, cfg.store_capacity, cfg.prefetch_distance)
-    factory = PolicyFactory(store, request_eams(warm_traces, L, J), (L, J, k), cfg.prefetch_distance, cfg.model)
+    factory = PolicyFactory(store, request_eams(warm_traces, L, J), (L, J, k), cfg.prefetch_distance, cfg.model,
+                            cfg.planner)  # fmt: skip
     slots_of = lambda b: min(total_experts, int(b * total_experts))  # noqa: E731
     main_budget = Budget.parse(cfg.budget).resolve(total_experts * expert_bytes) // expert_bytes
     rows = variants(cfg.policies)

@@ -50,6 +50,15 @@ class StoreReplica:
                     logger.debug("replica refresh failed (%s); keeping the previous index", exc)
             return self._index
 
+    def snapshot_if_changed(self, version) -> tuple[object, np.ndarray, np.ndarray] | None:
+        """(version, embeddings [N, D], maps [N, L, J]) when the store's version is not
+        ``version`` and it holds entries, else None (a planner process builds its own index)."""
+        current = self.store.version
+        if current == version:
+            return None
+        embeddings, maps = self.store.arrays()
+        return (current, embeddings, maps) if len(embeddings) else None
+
     def publish(self, embedding: np.ndarray, expert_map: np.ndarray) -> None:
         self.store.add(embedding, expert_map)
 

@@ -136,15 +136,17 @@ def test_the_bench_and_the_runtime_give_hybrid_the_folder_weights(tmp_path):
 
 
 def test_the_runtime_counts_the_planner_threads_work_as_prediction_cost():
-    """The planner's time (busy_s) is part of what prediction costs, beside the callbacks."""
+    """The planner thread's time (busy_s) is part of what prediction costs, beside the callbacks."""
     from expertmap.actors.config import EngineConfig, LinkConfig
     from expertmap.actors.engine import OffloadEngine
+    from expertmap.predictor.policies.base import PolicyInputs
 
-    engine = OffloadEngine(EngineConfig(policy="hybrid", link=LinkConfig(mode="instant", profile="instant")))
+    engine = OffloadEngine(EngineConfig(policy="hybrid", link=LinkConfig(mode="instant", profile="instant")),
+                           PolicyInputs(planner="thread"))  # fmt: skip
     try:
         engine.generate(engine.tokenizer("The expert map").input_ids, max_new_tokens=6, do_sample=False)
-        assert engine.runtime.policy.planner.drain(5)
-        state = engine.runtime.policy.state  # the prefill reached it as one (its token count > 1):
+        assert engine.runtime.policy.remote is None and engine.runtime.policy.drain(5)
+        state = engine.runtime.policy.core.state  # the prefill reached it as one (its token count > 1):
         assert state.request_iterations == 6  # this request's iterations, counted from its prefill
         assert not np.allclose(state.prompt, 1 / state.J)  # the prompt's routing, as in the fit
         busy = engine.runtime.policy.background_s

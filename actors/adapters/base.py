@@ -19,9 +19,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from expertmap.predictor.linear_router import ACTIVATIONS, LinearRouter
 
 if TYPE_CHECKING:
     from expertmap.actors.checkpoint import CheckpointReader
@@ -110,6 +113,29 @@ class ArchitectureAdapter(ABC):
         """[T, J] float32 distribution over routed experts from the router module's output."""
         logits = router_output[0] if isinstance(router_output, tuple) else router_output
         return torch.softmax(logits.float(), dim=-1)
+
+    #: each token goes to the top-k experts of ``router_probs`` (False where a bias or a group
+    #: limit decides: a planner process must then be told the choice)
+    selects_top_k = True
+
+    def linear_router(self, router: nn.Module, top_k: int) -> LinearRouter | None:
+        """``router`` as NumPy (its weight, bias and activation) for a planner without torch, or
+        None where it is not a linear map with one of ``linear_router.ACTIVATIONS``: the candidate
+        must give ``router_probs(router(x))`` on random input to 1e-2 (bf16 routers round)."""
+        weight, bias = getattr(router, "weight", None), getattr(router, "bias", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            return None
+        w = weight.detach().float().cpu().numpy()  # [J, H]
+        b = bias.detach().float().cpu().numpy() if isinstance(bias, torch.Tensor) else None
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(4, w.shape[1], generator=gen).to(weight.dtype)  # [4, H]
+        with torch.no_grad():
+            want = self.router_probs(router(x.to(weight.device))).float().cpu().numpy()  # [4, J]
+        for activation in ACTIVATIONS:
+            gate = LinearRouter(w, b, activation, top_k if self.selects_top_k else None)
+            if want.shape == (4, w.shape[0]) and np.abs(gate(x.float().numpy()) - want).max() < 1e-2:
+                return gate
+        return None
 
     # --- weights ------------------------------------------------------------------------------
     @abstractmethod

@@ -14,6 +14,7 @@ from expertmap.actors.adapters.base import ArchitectureAdapter, every_head_has_i
 
 
 class DeepseekV3Adapter(ArchitectureAdapter):
+    selects_top_k = False  # a group limit (and for V3 a score bias) decides the choice
     model_types = ("deepseek_v3",)
 
     def num_experts(self, config):

@@ -30,14 +30,17 @@ class RouterEvent:
     ``probs``: [T, J] router distribution of this iteration's tokens (a device tensor in the engine;
     convert off the critical path). ``next_gate()``: [T, J] distribution that the *next* MoE layer's
     router gives when applied to this layer's router input (Fate's cross-layer gate), or None for
-    the last layer. Computed only when called.
+    the last layer. Computed only when called. ``router_input``: this layer's router input [T, H]
+    (None where it is not known: an earlier stage's replayed layer); a planner outside this
+    interpreter applies ``PolicyContext.linear_routers`` to it.
     """
 
-    __slots__ = ("layer", "probs", "_next_gate", "_next_value")
+    __slots__ = ("layer", "probs", "router_input", "_next_gate", "_next_value")
 
-    def __init__(self, layer: int, probs: torch.Tensor, next_gate=None):
+    def __init__(self, layer: int, probs: torch.Tensor, next_gate=None, router_input: torch.Tensor | None = None):
         self.layer = layer
         self.probs = probs
+        self.router_input = router_input
         self._next_gate = next_gate  # callable -> tensor, a tensor, or None
         self._next_value = None
 
@@ -48,6 +51,7 @@ class RouterEvent:
 
 
 DEFAULT_PREFETCH_DISTANCE = defaults.PREFETCH_DISTANCE  # layers ahead (docs/policies.md)
+PLANNERS = ("process", "thread")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,6 +76,19 @@ class PolicyInputs:
     usage: np.ndarray | None = None
     #: one expert copy's time in decode-layer times (the link's ratio; 0: instant); None: not known
     copy_layers: float | None = None
+    #: where a policy's background planning runs: "process" (a planner process of its own, for
+    #: the policies that have one: hybrid) or "thread" (a thread of this interpreter);
+    #: ``synchronous`` runs it inline whatever this says
+    planner: str = "process"
+    #: {MoE layer: its router as a NumPy ``LinearRouter``} for this cache's layers, and the router
+    #: input's width: a planner outside this interpreter computes each layer's distribution and
+    #: the cross-layer gate from the router input (the runtime fills them for ``needs_linear_routers``)
+    linear_routers: dict | None = None
+    hidden_size: int | None = None
+
+    def __post_init__(self):
+        if self.planner not in PLANNERS:
+            raise ValueError(f"PolicyInputs.planner={self.planner!r}: use one of {', '.join(PLANNERS)}")
 
     def context(self, num_layers: int, num_experts: int, top_k: int, num_slots: int, prefetch: bool = True,
                 layers: tuple[int, ...] | None = None, **overrides) -> PolicyContext:  # fmt: skip
@@ -131,6 +148,7 @@ class Policy:
     needs_trace = False
     needs_eams = False
     needs_usage = False
+    needs_linear_routers = False  # its planner applies the routers outside torch (PolicyContext.linear_routers)
     #: every miss is computed on the host, whatever the miss mode (host-all, host-static)
     host_misses = False
     #: its settings; ``ctx.tuning`` must be an instance (or None for the defaults)
@@ -190,6 +208,12 @@ class Policy:
     @property
     def background_s(self) -> float:
         """Seconds of work on the policy's own threads so far (its planner; default: none)."""
+        return 0.0
+
+    @property
+    def process_s(self) -> float:
+        """CPU seconds of the policy's work in a process of its own (its planner process; default:
+        none): work off this interpreter, on another core where there is one."""
         return 0.0
 
     # --- cache callbacks (under the cache lock) ----------------------------------------------

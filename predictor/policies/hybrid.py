@@ -14,20 +14,28 @@ popularity, the distance in layers; a small logistic model fitted on warm-up tra
   the plan names each expert for its layer's next pass, at most L layers ahead, so every copy
   would land after the use it was made for and only take the link from misses and a slot from a
   kept expert (replay, warm-up prompts: at ratio 13.1 TPOT 0.91x -> 0.88x on-demand's).
-All of it runs on the background planner (the compute thread only enqueues its events); the cache
-reads the newest estimate. It plans once per layer, when the layer's experts are chosen.
-The hint plan and map publishing are FineMoE's (the paper's rules); the searches are
-``NextUseState``'s.
+The planning (``predictor.next_use_plan.NextUsePlanner``) runs in a planner process of its own
+(``ctx.planner="process"``, the default: predictor/planner_process.py), so that it leaves this
+interpreter: the compute thread writes its events into shared memory, the cache reads the newest
+estimate. With ``ctx.planner="thread"`` (or where the process cannot start) it runs on a thread
+here; ``ctx.synchronous`` runs it inline (the replay, tests). It plans once per layer, when the
+layer's experts are chosen. The hint plan and map publishing are FineMoE's (the paper's rules);
+the searches are ``NextUseState``'s.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from expertmap.predictor.next_use import NextUseModel, NextUseState
+from expertmap.predictor.next_use import NextUseModel
+from expertmap.predictor.next_use_plan import NextUsePlanner
+from expertmap.predictor.planner_process import PlannerProcessError, PlannerSpec, ProcessPlanner
 from expertmap.predictor.policies.base import Policy, Prefetch
 from expertmap.predictor.policies.finemoe import FineMoE, FineMoETuning
 
@@ -56,6 +64,8 @@ class HybridTuning:
             raise ValueError(f"HybridTuning.min_p {self.min_p} must be in [0, 1)")
 
 
+logger = logging.getLogger(__name__)
+
 #: A model folder may ship its own next-use weights under this name (the output of
 #: ``python -m expertmap.bench.fit_next_use --model FOLDER --out FOLDER/next_use.json``).
 WEIGHTS_FILE = "next_use.json"
@@ -64,6 +74,7 @@ WEIGHTS_FILE = "next_use.json"
 class Hybrid(FineMoE):
     name = "hybrid"
     Tuning = HybridTuning
+    needs_linear_routers = True
 
     @classmethod
     def tuning_for_model(cls, folder):
@@ -71,83 +82,204 @@ class Hybrid(FineMoE):
         return HybridTuning(model=NextUseModel.from_file(path)) if path.is_file() else None
 
     def __init__(self, ctx):
-        self.state = NextUseState(ctx.num_layers, ctx.num_experts)
-        self._t = np.full((ctx.num_layers, ctx.num_experts), 1e6)  # expected layers to next use
-        self._owned = np.zeros(ctx.num_layers, bool)
-        self._owned[list(ctx.owned_layers)] = True
         super().__init__(ctx)
-        self.model = self.tuning.model
-        self.margin = self.tuning.margin
         slow_link = ctx.copy_layers is not None and ctx.copy_layers >= ctx.num_layers
         self.prefetches = ctx.prefetch and not slow_link  # a copy could land before the pass it is for
         # (FineMoE's prefetch_plan and on_hint read it: no plan and no hint plan on such a link)
+        self.model, self.margin = self.tuning.model, self.tuning.margin
+        self.core = NextUsePlanner(ctx.num_layers, ctx.num_experts, ctx.owned_layers, ctx.num_slots,
+                                   self.tuning.model, self.tuning.min_p, self.prefetches)  # fmt: skip
+        self._t = self.core.t  # [L, J] expected layers to next use: the newest estimate
+        self.remote = self._start_process() if ctx.planner == "process" and not ctx.synchronous else None
+        self._plan_seen = -1  # the planner process's plan count behind self._plan
+        self._process_s = 0.0
+        self._derived = None  # the layer whose chosen experts the process derives itself
+        self._routers = frozenset(ctx.linear_routers or ())
+        self._ship = threading.Event()
+        self.replica_refresh = self.replica.refresh_every if self.replica is not None else 1
+        if self.remote is not None:
+            self.planner.close()  # FineMoE's thread is not needed: the process plans
+            version = self._ship_snapshot(None)  # the store as it is, before the first iteration
+            threading.Thread(target=self._ship_loop, args=(version,), name="hybrid-index", daemon=True).start()
         self.contains = lambda key: False  # set by the cache: resident or in flight
 
     def _rules(self):
         return FineMoETuning.paper()  # the map searches as the paper describes them
 
+    def _start_process(self) -> ProcessPlanner | None:
+        ctx = self.ctx
+        if ctx.hidden_size is None:
+            return None
+        spec = PlannerSpec(ctx.num_layers, ctx.num_experts, tuple(ctx.owned_layers), ctx.num_slots,
+                           self.tuning.model.weights, self.tuning.min_p, self.prefetches, ctx.hidden_size,
+                           ctx.hidden_size, dict(ctx.linear_routers or {}))  # fmt: skip
+        try:
+            return ProcessPlanner(spec)
+        except (PlannerProcessError, OSError) as exc:
+            logger.warning("hybrid: no planner process (%s); planning on a thread of this interpreter", exc)
+            return None
+
     def reset(self):
         super().reset()
-        self.state = NextUseState(self.ctx.num_layers, self.ctx.num_experts)
-        self._t = np.full_like(self._t, 1e6)
+        self.core.reset()
+        self._t = self.core.t
+        if self.remote is not None:
+            self.remote.reset()
+            self._plan_seen = self.remote.plans  # the old plan is not asked for again: the reset's comes
 
-    # --- compute thread: enqueue only ----------------------------------------------------------
+    # --- compute thread ---------------------------------------------------------------------------
+    def on_iteration_start(self, iteration, embedding, tokens=1):
+        if self.remote is None:
+            return super().on_iteration_start(iteration, embedding, tokens)
+        Policy.on_iteration_start(self, iteration, embedding, tokens)
+        self._hint_plan = []
+        emb = None
+        if embedding is not None:
+            emb = _host(embedding)  # [B, D]
+            emb = emb[0] if len(emb) == 1 else emb.mean(axis=0)  # [D], batch pooled
+        self._embedding, self._iteration_maps = emb, []
+        if iteration % self.replica_refresh == 0:
+            self._ship.set()  # a changed store snapshot reaches the process, off this thread
+        self.remote.start(iteration, emb, tokens)
+
+    def on_router(self, event):
+        if self.remote is None:
+            return super().on_router(event)
+        x = event.router_input
+        rows = None if x is None else _host(x).reshape(-1, x.shape[-1])  # [T, H]
+        mean = None
+        if rows is None or event.layer not in self._routers or self.publish:
+            mean = _host(event.probs).mean(axis=0)  # [J]; else the process computes it from the rows
+        if self.publish:
+            self._iteration_maps.append(mean)
+        self._derived = event.layer if self.remote.router(event.layer, mean, rows) else None
+
     def on_layer_start(self, layer, experts):
-        super().on_layer_start(layer, experts)
-        self.planner.submit(("used", layer, list(experts)))
+        Policy.on_layer_start(self, layer, experts)
+        if self.remote is None:
+            self.planner.submit(("used", layer, list(experts)))
+        elif self._derived != layer:  # unless the process took the choice from the router's top-k
+            self.remote.used(layer, experts)
+
+    def on_iteration_end(self, iteration):
+        if self.remote is None:
+            return super().on_iteration_end(iteration)
+        self._publish_iteration()
 
     def _plans_after_router(self, layer):
-        # a layer this cache computes is followed at once by its use (on_layer_start), which plans:
-        # one plan per layer; an earlier stage's layer (its trajectory replayed) has no use event
-        return not self._owned[layer]
+        return self.core.plans_after_router(layer)
 
     # FineMoE's visit and access counts are its eviction score's: hybrid keeps only the base's recency
     on_access = Policy.on_access
     on_insert = Policy.on_insert
     on_evict = Policy.on_evict
 
-    # --- background planner ------------------------------------------------------------------------
+    # --- planner (inline, thread) ----------------------------------------------------------------
     def _apply(self, item):
-        """The planner's state updates; FineMoE's own searches are not run (``NextUseState`` does
-        the semantic and trajectory matches hybrid uses), only its map publishing."""
+        """The planner's state updates; FineMoE's own searches are not run (the ``NextUsePlanner``
+        does the semantic and trajectory matches hybrid uses), only its map publishing."""
         kind = item[0]
         if kind == "start":
             _, iteration, emb, tokens = item
             self._begin_iteration(emb)
-            self.state.start(iteration, self._index, self._embedding, tokens)
+            self.core.index = self._index
+            self.core.start(iteration, self._embedding, tokens)
         elif kind == "router":
             _, _, layer, mean, _, event = item
             dist = self._record_layer(mean)  # [J]
             gate = event.next_gate() if event is not None else None
             gate = None if gate is None else gate.float().amax(dim=0).cpu().numpy()  # [J]
-            self.state.router(layer, dist, gate)
+            self.core.router(layer, dist, gate)
         elif kind == "used":
             _, layer, experts = item
-            self.state.used(layer, experts)
+            self.core.used(layer, experts)
         elif kind == "end":
             self._publish_iteration()
 
     def _replan(self):
-        p, t = self.state.next_use(self.model)
-        self._t = t
-        if not self.prefetches:
-            return
-        t = np.where(self._owned[:, None] & (p >= self.tuning.min_p), t, np.inf).reshape(-1)  # [L*J]
-        order = np.argsort(t, kind="stable")[: self.ctx.num_slots]
-        order = order[np.isfinite(t[order])]
-        layers, experts = np.divmod(order, self.ctx.num_experts)
-        self._plan = [Prefetch((l, e), -v) for l, e, v in zip(layers.tolist(), experts.tolist(), t[order].tolist())]
+        self.core.plan()
+        self._t = self.core.t
+        self._plan = self._as_plan(self.core.plan_keys, self.core.plan_t)
+
+    def _as_plan(self, keys: np.ndarray, t: np.ndarray) -> list[Prefetch]:
+        layers, experts = np.divmod(keys, self.ctx.num_experts)
+        return [Prefetch((l, e), -v) for l, e, v in zip(layers.tolist(), experts.tolist(), t.tolist())]
+
+    # --- planner process ---------------------------------------------------------------------------
+    def _ship_snapshot(self, version):
+        """The store's arrays to the process if its version is not ``version``; the version shipped."""
+        if self.replica is None:
+            return version
+        try:
+            snapshot = self.replica.snapshot_if_changed(version)
+        except Exception as exc:  # store away: keep the snapshot the process has
+            logger.debug("hybrid: store snapshot not taken (%s)", exc)
+            return version
+        if snapshot is None:
+            return version
+        version, embeddings, maps = snapshot
+        self.remote.ship_index(embeddings, maps)
+        return version
+
+    def _ship_loop(self, version) -> None:
+        """Hand the process each new store snapshot (a version check every ``refresh_every``
+        iterations of the replica, as its own index does), off the compute thread."""
+        while True:
+            self._ship.wait()
+            self._ship.clear()
+            if self.remote is None:
+                return
+            try:
+                version = self._ship_snapshot(version)
+            except Exception as exc:  # closing meanwhile
+                logger.debug("hybrid: store snapshot not shipped (%s)", exc)
+
+    def _estimate(self) -> np.ndarray:
+        return self._t if self.remote is None else self.remote.t
+
+    def prefetch_plan(self):
+        if self.remote is None or not self.prefetches:
+            return super().prefetch_plan()
+        plans = self.remote.plans
+        if plans != self._plan_seen:
+            self._plan_seen = plans
+            self._plan = self._as_plan(*self.remote.plan())
+        return self._plan or self._hint_plan
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until every event so far is planned (tests, the end of a run)."""
+        return self.planner.drain(timeout) if self.remote is None else self.remote.drain(timeout)
+
+    @property
+    def process_s(self):
+        return self._process_s if self.remote is None else self.remote.busy_s
+
+    def close(self):
+        super().close()
+        remote, self.remote = self.remote, None
+        if remote is not None:
+            self._process_s = remote.busy_s  # still reported after the process is gone
+            self._ship.set()
+            remote.close()
 
     # --- the cache's questions ---------------------------------------------------------------------
     def time_to_next_use(self, key) -> float:
-        return float(self._t[key])
+        return float(self._estimate()[key])
 
     def choose_victim(self, candidates, incoming=None):
-        t = self._t
+        t = self._estimate()
         return max(candidates, key=lambda k: t[k])
 
     def admit(self, prefetch, victim):
         if victim is None:
             return True
-        return self._t[prefetch.key] + self.margin < self._t[victim]
+        t = self._estimate()
+        return t[prefetch.key] + self.margin < t[victim]
 
+
+def _host(x) -> np.ndarray:
+    """A tensor as a float32 NumPy array, without a torch operation where it already is one on
+    the CPU (each costs microseconds on a compute thread whose caches the model has just filled)."""
+    if x.dtype is torch.float32 and x.device.type == "cpu":
+        return x.numpy() if not x.requires_grad else x.detach().numpy()
+    return x.detach().float().cpu().numpy()

@@ -1,0 +1,293 @@
+"""`hybrid`'s planner in a process of its own, so that its work leaves the serving interpreter.
+
+Python runs one thread at a time: a planner thread beside a Python-bound compute thread makes the
+compute thread wait for it (bench/results/prediction_cost). ``ProcessPlanner`` runs the
+``NextUsePlanner`` in a child process (``python -m expertmap.predictor.planner_child``) instead:
+
+- the compute thread writes each event into a slot of a ring in shared memory (a file under
+  /dev/shm, memory-mapped by both) and bumps an event counter: no lock, no thread of this
+  interpreter to wake, no system call while the child is polling. A router event carries the
+  layer's router input; the child applies the layer's router and the next layer's
+  (``spec.routers``, NumPy) for the layer's distribution, the cross-layer gate and, where the
+  model's choice is the router's top-k, the layer's chosen experts, so a layer costs the compute
+  thread one event;
+- the child polls the counter for ``SPIN_S`` after its last event, then sleeps on its stdin; the
+  compute thread writes a byte there only to a sleeping child. Where the CPU may reorder one
+  thread's stores (not x86-64), a byte goes with every event and orders the slot instead: the
+  child applies one event per byte read (the pipe's write and read are barriers);
+- the child applies the events, plans when no newer event waits (an older position's plan is
+  stale, as in ``BackgroundPlanner``), and writes the estimate ``t`` [L, J] and the plan into the
+  spare of two output buffers before flipping to it;
+- the cache reads the current buffer. Estimates are advisory: a read that overlaps a flip sees a
+  mix of two consecutive estimates, never anything else;
+- the store's arrays reach the child as files written by a thread here (``ship_index``, after a
+  version change the replica noticed); the next iteration-start event names the newest one;
+- a full ring (the child more than ``SLOTS`` events behind) drops the event and counts it.
+
+The child exits when its stdin closes (``close`` or this process's end).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import platform
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from expertmap.predictor.linear_router import LinearRouter
+
+logger = logging.getLogger(__name__)
+
+SLOTS = 128  # events in flight
+PAYLOAD_BYTES = 1 << 18  # per slot: a router event's input rows [T, H] float32 up to this size (the last ones)
+START, ROUTER, USED, RESET = 1, 2, 3, 4  # event kinds (head[0])
+# ctrl words (int64)
+READY, DONE, PLANS, CURRENT, ERRORS, SKIPPED, IDLE_AT, WRITTEN, SLEEPING = range(9)  # IDLE_AT: DONE when it last went idle
+SPIN_S = 0.02  # the child polls this long after its last event before it sleeps on stdin
+POLL_S = 1e-4  # between polls
+BUSY = 0  # fctrl (float64): the child's CPU seconds
+
+
+class PlannerProcessError(RuntimeError):
+    """The planner process could not start or stopped."""
+
+
+@dataclass(frozen=True)
+class PlannerSpec:
+    """What the child needs to build its ``NextUsePlanner``, its routers and its layout."""
+
+    num_layers: int
+    num_experts: int
+    owned_layers: tuple[int, ...]
+    num_slots: int
+    weights: tuple[tuple[float, ...], ...]  # NextUseModel.weights
+    min_p: float
+    prefetches: bool
+    embed_dim: int
+    hidden_size: int
+    routers: dict[int, LinearRouter] = field(default_factory=dict)  # MoE layer -> its router (this cache's)
+    #: the CPU keeps one thread's stores in order (x86-64): the child may follow the parent's event
+    #: counter; elsewhere a byte per event orders the ring (the pipe's write and read are barriers)
+    ordered_stores: bool = field(default_factory=lambda: platform.machine().lower() in ("x86_64", "amd64"))
+
+    @property
+    def payload_floats(self) -> int:
+        return max(self.embed_dim, self.num_experts + self.hidden_size, PAYLOAD_BYTES // 4)
+
+    @property
+    def max_rows(self) -> int:
+        """Router-input rows a router event carries (the last ones when a step has more)."""
+        return (self.payload_floats - self.num_experts) // self.hidden_size
+
+
+class Layout:
+    """The shared file carved into NumPy views (the same offsets in both processes)."""
+
+    def __init__(self, path: Path, spec: PlannerSpec, create: bool):
+        L, J, S, P = spec.num_layers, spec.num_experts, spec.num_slots, spec.payload_floats
+        parts = [
+            ("ctrl", np.int64, (16,)), ("fctrl", np.float64, (4,)), ("head", np.int64, (SLOTS, 4)),
+            ("t", np.float64, (2, L, J)), ("keys", np.int64, (2, S)), ("key_t", np.float64, (2, S)),
+            ("count", np.int64, (2,)), ("payload", np.float32, (SLOTS, P)),
+        ]  # fmt: skip
+        size = sum(np.dtype(d).itemsize * int(np.prod(s)) for _, d, s in parts)
+        self.memory = np.memmap(path, dtype=np.uint8, mode="w+" if create else "r+", shape=(size,))
+        offset = 0
+        for name, dtype, shape in parts:
+            n = np.dtype(dtype).itemsize * int(np.prod(shape))
+            # plain ndarrays over the map (np.memmap's own views index through Python: slow)
+            setattr(self, name, np.ndarray(shape, dtype, buffer=self.memory, offset=offset))
+            offset += n
+        if create:
+            self.t[:] = 1e6
+
+
+def _shared_dir() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class ProcessPlanner:
+    """The compute thread's side: ``start`` / ``router`` / ``used`` / ``reset`` events, the
+    current estimate (``t``, ``plan``), and the child's lifecycle."""
+
+    def __init__(self, spec: PlannerSpec, ready_timeout_s: float = 60.0):
+        self.spec = spec
+        self.dir = Path(tempfile.mkdtemp(prefix="expertmap-planner-", dir=_shared_dir()))
+        self.layout = Layout(self.dir / "ring", spec, create=True)
+        self.written = 0  # events handed to the child
+        self.dropped = 0  # events not handed: the ring was full
+        self._index_gen = 0  # newest store snapshot file written (ship_index)
+        self._lock = threading.Lock()
+        self._max_rows = spec.max_rows
+        self._derives = frozenset(l for l, r in spec.routers.items() if r.top_k is not None)  # layers
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "expertmap.predictor.planner_child", str(self.dir)], stdin=subprocess.PIPE,
+        )  # fmt: skip
+        blob = pickle.dumps(spec)
+        self._proc.stdin.write(struct.pack("<Q", len(blob)) + blob)
+        self._proc.stdin.flush()
+        self._fd = self._proc.stdin.fileno()
+        deadline = time.monotonic() + ready_timeout_s
+        while self.layout.ctrl[READY] == 0:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise PlannerProcessError(f"the planner process did not start (exit code {self._proc.returncode})")
+            time.sleep(0.005)
+        os.set_blocking(self._fd, False)
+
+    # --- events (compute thread) ----------------------------------------------------------------
+    def _slot(self) -> int | None:
+        if self.written - int(self.layout.ctrl[DONE]) >= SLOTS:
+            self.dropped += 1
+            return None
+        return self.written % SLOTS
+
+    def _send(self) -> None:
+        self.written += 1
+        if self.spec.ordered_stores:
+            self.layout.ctrl[WRITTEN] = self.written
+            if not self.layout.ctrl[SLEEPING]:
+                return  # it is polling: no wake-up, no system call (a missed wake waits for the next event)
+        try:
+            os.write(self._fd, b"\x01")
+        except (BlockingIOError, BrokenPipeError, ValueError):  # full (cannot happen before the ring
+            # fills: the pipe holds 64 KiB), or the child is gone (``error`` says so)
+            if not self.spec.ordered_stores:
+                self.written -= 1  # a byte per event: this one was not handed over
+                self.dropped += 1
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._fd, b"\x01")
+        except (BlockingIOError, BrokenPipeError, ValueError):
+            pass
+
+    def start(self, iteration: int, embedding: np.ndarray | None, tokens: int) -> None:
+        i = self._slot()
+        if i is None:
+            return
+        has = embedding is not None
+        if has:
+            self.layout.payload[i, : len(embedding)] = embedding
+        self.layout.head[i] = (START, iteration, tokens, (self._index_gen << 1) | int(has))
+        self._send()
+
+    def router(self, layer: int, distribution: np.ndarray | None, rows: np.ndarray | None) -> bool:
+        """Layer ``layer``'s router ran on ``rows`` [T, H] (its input; None: not known). Its mean
+        distribution [J] is sent where given, else the child computes it from the rows with the
+        layer's router (``spec.routers``), as it does the next layer's gate and, where the router's
+        top-k is the model's choice and every row fits, the layer's chosen experts. True when the
+        child derives those (no ``used`` event is needed for this layer)."""
+        i = self._slot()
+        if i is None:
+            return False
+        payload = self.layout.payload[i]
+        start = 0
+        if distribution is not None:
+            start = self.spec.num_experts
+            payload[:start] = distribution
+        n = 0 if rows is None else len(rows)
+        derives = False
+        if n:
+            if n > self._max_rows:
+                n, rows = self._max_rows, rows[-self._max_rows :]
+            else:
+                derives = layer in self._derives
+            payload[start : start + rows.size] = rows.reshape(-1)
+        self.layout.head[i] = (ROUTER, layer, n, int(distribution is not None) | (int(derives) << 1))
+        self._send()
+        return derives
+
+    def used(self, layer: int, experts) -> None:
+        i = self._slot()
+        if i is None:
+            return
+        experts = list(experts)
+        self.layout.payload[i, : len(experts)] = experts
+        self.layout.head[i] = (USED, layer, len(experts), 0)
+        self._send()
+
+    def reset(self) -> None:
+        i = self._slot()
+        if i is not None:
+            self.layout.head[i] = (RESET, 0, 0, 0)
+            self._send()
+
+    def ship_index(self, embeddings: np.ndarray, maps: np.ndarray) -> None:
+        """A new store snapshot for the child (any thread): the next ``start`` names it."""
+        with self._lock:
+            gen = self._index_gen + 1
+            tmp = self.dir / f"index-{gen}.tmp.npz"
+            np.savez(tmp, embeddings=embeddings, maps=maps)
+            tmp.rename(self.dir / f"index-{gen}.npz")
+            self._index_gen = gen
+
+    # --- the estimate (any thread) --------------------------------------------------------------
+    @property
+    def t(self) -> np.ndarray:
+        """[L, J] expected layers to next use, the newest the child wrote."""
+        return self.layout.t[self.layout.ctrl[CURRENT]]
+
+    @property
+    def plans(self) -> int:
+        """How many plans the child has written (a new one: the plan changed)."""
+        return int(self.layout.ctrl[PLANS])
+
+    def plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flat keys [S], expected layers to use [S]), soonest first: the newest plan."""
+        b = self.layout.ctrl[CURRENT]
+        n = int(self.layout.count[b])
+        return self.layout.keys[b, :n].copy(), self.layout.key_t[b, :n].copy()
+
+    @property
+    def busy_s(self) -> float:
+        """The child's CPU seconds so far (work that is not this interpreter's)."""
+        return float(self.layout.fctrl[BUSY])
+
+    @property
+    def skipped_plans(self) -> int:
+        return int(self.layout.ctrl[SKIPPED])
+
+    @property
+    def error(self) -> str | None:
+        if self._proc.poll() is not None:
+            return f"the planner process exited with code {self._proc.returncode}"
+        if self.layout.ctrl[ERRORS]:
+            return f"the planner process failed on {int(self.layout.ctrl[ERRORS])} events (its stderr says how)"
+        return None
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until the child has applied every event handed to it and planned."""
+        deadline = time.monotonic() + timeout
+        while int(self.layout.ctrl[IDLE_AT]) < self.written:
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            if self.spec.ordered_stores and self.layout.ctrl[SLEEPING]:
+                self._wake()  # a wake-up the last event missed
+            time.sleep(0.0005)
+        return True
+
+    def close(self) -> None:
+        if self._proc.stdin is not None and not self._proc.stdin.closed:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(timeout=5)
+        for path in self.dir.glob("*"):
+            path.unlink(missing_ok=True)
+        self.dir.rmdir()
