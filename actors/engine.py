@@ -124,8 +124,13 @@ class OffloadEngine:
 
     @property
     def prediction_frac(self) -> float:
-        """The policy's callbacks and planner thread together as a fraction of iteration time."""
+        """The policy's callbacks and its own threads together as a fraction of iteration time."""
         return self.runtime.prediction_frac
+
+    @property
+    def decision_frac(self) -> float:
+        """The cache worker's decisions (plan, victims, admission) as a fraction of iteration time."""
+        return self.runtime.decision_frac
 
     @property
     def process_frac(self) -> float:

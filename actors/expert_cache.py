@@ -67,6 +67,10 @@ class ExpertCache:
         self.expert_bytes = expert_bytes
         self.precision_bytes = precision_bytes or {"full": expert_bytes}
         self.stats = CacheStats()
+        #: CPU seconds the worker spent deciding what to copy (the policy's plan, victims,
+        #: admission; not its waits for the interpreter): Python on this interpreter, so it holds
+        #: up a Python-bound compute thread
+        self.decisions_s = 0.0
         self._cv = threading.Condition()
         self._slot_of: dict[Key, int] = {}  # resident
         self._loading: dict[Key, bool] = {}  # key -> is_prefetch (queued on demand, or on the link)
@@ -274,7 +278,9 @@ class ExpertCache:
             return key, slot, False
         if not self.policy.ctx.prefetch:
             return self._next_host_copy()
-        plan = sorted(self.policy.prefetch_plan(), key=lambda p: -p.priority)
+        plan = self.policy.prefetch_plan()
+        if not self.policy.plan_sorted:
+            plan = sorted(plan, key=lambda p: -p.priority)
         for want in plan:
             if self.contains(want.key) or (self._owned is not None and want.key[0] not in self._owned):
                 continue
@@ -353,7 +359,9 @@ class ExpertCache:
                 if not self._demand or self._stop:
                     return
                 key = self._demand[0]
+                t0 = time.thread_time()
                 slot = self._take_slot(key, None)
+                self.decisions_s += time.thread_time() - t0
                 if slot is None:
                     return
                 self._demand.popleft()
@@ -365,7 +373,9 @@ class ExpertCache:
                 with self._cv:
                     job = None
                     while not self._stop:
+                        t0 = time.thread_time()
                         job = self._next_job()
+                        self.decisions_s += time.thread_time() - t0
                         if job is not None:
                             break
                         self._wake = False

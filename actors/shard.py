@@ -532,11 +532,19 @@ class ShardRuntime:
 
     @property
     def prediction_frac(self) -> float:
-        """All of the policy's work, its callbacks and its planner thread's, as a fraction of
-        iteration time: what prediction costs where the compute thread is Python-bound (the
-        planner shares the interpreter with it), an upper bound where it is not."""
+        """The policy's callbacks and its own threads' work (a planner thread, hybrid's snapshot
+        thread), as a fraction of iteration time: what prediction costs where the compute thread
+        is Python-bound (those threads share the interpreter with it), an upper bound where it is
+        not. The cache worker's decisions are apart (``decision_frac``)."""
         total = self.policy_s + self.policy.background_s
         return total / self.iterations_s if self.iterations_s else 0.0
+
+    @property
+    def decision_frac(self) -> float:
+        """The cache worker's decisions (what to copy, which victim, admission: the policy's
+        ``prefetch_plan``, ``choose_victim``, ``admit`` and the cache's own bookkeeping) as a
+        fraction of iteration time: Python on this interpreter beside the compute thread."""
+        return self.cache.decisions_s / self.iterations_s if self.iterations_s else 0.0
 
     @property
     def process_frac(self) -> float:

@@ -26,7 +26,7 @@ import numpy as np
 from expertmap.predictor.next_use import NextUseModel
 from expertmap.predictor.next_use_plan import NextUsePlanner
 from expertmap.predictor.planner_process import (
-    BUSY, CURRENT, DONE, ERRORS, IDLE_AT, PLANS, POLL_S, READY, RESET, ROUTER, SKIPPED, SLEEPING, SLOTS, SPIN_S,
+    BUSY, CURRENT, DONE, ERRORS, IDLE_AT, OFFSET, PLANS, POLL_S, READY, RESET, ROUTER, SKIPPED, SLEEPING, SLOTS, SPIN_S,
     START, USED, WRITTEN, Layout, PlannerSpec,
 )  # fmt: skip
 from expertmap.predictor.search import SearchIndex
@@ -43,8 +43,8 @@ class Child:
 
     def apply(self, slot: int) -> bool:
         """The event in ``slot``; True if a plan should follow it."""
-        kind, a, b, c = (int(v) for v in self.layout.head[slot])
-        payload = self.layout.payload[slot]
+        kind, a, b, c, at = (int(v) for v in self.layout.head[slot, : OFFSET + 1])
+        payload = self.layout.payload[at:]  # this event's, from its offset in the ring
         J, H = self.spec.num_experts, self.spec.hidden_size
         if kind == START:
             self._load_index(c >> 1)
@@ -80,11 +80,11 @@ class Child:
     def _load_index(self, gen: int) -> None:
         if gen <= self.index_gen:
             return
-        path = self.folder / f"index-{gen}.npz"
-        with np.load(path) as data:
-            embeddings, maps = data["embeddings"], data["maps"]
+        path = self.folder / f"index-{gen}.npy"
+        with open(path, "rb") as f:  # ProcessPlanner.ship_index: embeddings [N, D], then maps [N, L, J]
+            embeddings, maps = np.load(f), np.load(f)
         self.planner.index = SearchIndex(embeddings, maps) if len(embeddings) else None
-        for old in self.folder.glob("index-*.npz"):  # older snapshots are not named again
+        for old in self.folder.glob("index-*.npy"):  # older snapshots are not named again
             if old != path and int(old.name.split("-")[1].split(".")[0]) < gen:
                 old.unlink(missing_ok=True)
         self.index_gen = gen

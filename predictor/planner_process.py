@@ -6,7 +6,11 @@ compute thread wait for it (bench/results/prediction_cost). ``ProcessPlanner`` r
 
 - the compute thread writes each event into a slot of a ring in shared memory (a file under
   /dev/shm, memory-mapped by both) and bumps an event counter: no lock, no thread of this
-  interpreter to wake, no system call while the child is polling. A router event carries the
+  interpreter to wake, no system call while the child is polling. The slot holds the event's
+  kind and numbers; its payload follows the previous event's in a byte ring, so that the small
+  events of decode steps share memory pages. The writes go through ``memoryview``s, not NumPy:
+  on a compute thread whose caches the model has just filled, each NumPy or torch call costs
+  microseconds (bench/results/prediction_cost). A router event carries the
   layer's router input; the child applies the layer's router and the next layer's
   (``spec.routers``, NumPy) for the layer's distribution, the cross-layer gate and, where the
   model's choice is the router's top-k, the layer's chosen experts, so a layer costs the compute
@@ -49,8 +53,11 @@ from expertmap.predictor.linear_router import LinearRouter
 logger = logging.getLogger(__name__)
 
 SLOTS = 128  # events in flight
-PAYLOAD_BYTES = 1 << 18  # per slot: a router event's input rows [T, H] float32 up to this size (the last ones)
+PAYLOAD_BYTES = 1 << 18  # per event at most: a router event's input rows [T, H] float32 up to this size (the last ones)
+ALIGN = 64  # bytes: each event's payload starts on a cache line
 START, ROUTER, USED, RESET = 1, 2, 3, 4  # event kinds (head[0])
+HEAD = 8  # int64 words per slot: kind, three numbers, the payload's offset in floats, spare
+OFFSET = 4  # head word: the payload's offset
 # ctrl words (int64)
 READY, DONE, PLANS, CURRENT, ERRORS, SKIPPED, IDLE_AT, WRITTEN, SLEEPING = range(9)  # IDLE_AT: DONE when it last went idle
 SPIN_S = 0.02  # the child polls this long after its last event before it sleeps on stdin
@@ -89,16 +96,22 @@ class PlannerSpec:
         """Router-input rows a router event carries (the last ones when a step has more)."""
         return (self.payload_floats - self.num_experts) // self.hidden_size
 
+    @property
+    def ring_floats(self) -> int:
+        """The payload ring: room for ``SLOTS`` events in flight of the largest size, each
+        aligned, and the tail one that does not fit before the end wastes."""
+        return (SLOTS + 2) * (self.payload_floats + ALIGN // 4)
+
 
 class Layout:
     """The shared file carved into NumPy views (the same offsets in both processes)."""
 
     def __init__(self, path: Path, spec: PlannerSpec, create: bool):
-        L, J, S, P = spec.num_layers, spec.num_experts, spec.num_slots, spec.payload_floats
+        L, J, S = spec.num_layers, spec.num_experts, spec.num_slots
         parts = [
-            ("ctrl", np.int64, (16,)), ("fctrl", np.float64, (4,)), ("head", np.int64, (SLOTS, 4)),
+            ("ctrl", np.int64, (16,)), ("fctrl", np.float64, (4,)), ("head", np.int64, (SLOTS, HEAD)),
             ("t", np.float64, (2, L, J)), ("keys", np.int64, (2, S)), ("key_t", np.float64, (2, S)),
-            ("count", np.int64, (2,)), ("payload", np.float32, (SLOTS, P)),
+            ("count", np.int64, (2,)), ("payload", np.float32, (spec.ring_floats,)),
         ]  # fmt: skip
         size = sum(np.dtype(d).itemsize * int(np.prod(s)) for _, d, s in parts)
         self.memory = np.memmap(path, dtype=np.uint8, mode="w+" if create else "r+", shape=(size,))
@@ -110,6 +123,25 @@ class Layout:
             offset += n
         if create:
             self.t[:] = 1e6
+
+    def words(self, part: np.ndarray, fmt: str) -> memoryview:
+        """A flat ``memoryview`` of one part (``fmt``: "q" int64 words, "B" bytes): an item
+        read or written through it is a Python operation, no NumPy call."""
+        start = part.ctypes.data - self.memory.ctypes.data
+        return memoryview(self.memory)[start : start + part.nbytes].cast(fmt)
+
+
+FLOAT32 = np.dtype(np.float32)
+
+
+def _bytes_of(a: np.ndarray) -> memoryview:
+    """``a``'s float32 bytes, as a flat view (a copy only where ``a`` is not C-contiguous float32)."""
+    if a.dtype is not FLOAT32:
+        a = a.astype(np.float32)
+    try:
+        return a.data.cast("B")
+    except TypeError:  # not C-contiguous
+        return np.ascontiguousarray(a).data.cast("B")
 
 
 def _shared_dir() -> str | None:
@@ -124,6 +156,11 @@ class ProcessPlanner:
         self.spec = spec
         self.dir = Path(tempfile.mkdtemp(prefix="expertmap-planner-", dir=_shared_dir()))
         self.layout = Layout(self.dir / "ring", spec, create=True)
+        self._ctrl = self.layout.words(self.layout.ctrl, "q")
+        self._head = self.layout.words(self.layout.head, "q")
+        self._ring = self.layout.words(self.layout.payload, "B")
+        self._ring_bytes = len(self._ring)
+        self._cursor = 0  # byte offset of the next payload in the ring
         self.written = 0  # events handed to the child
         self.dropped = 0  # events not handed: the ring was full
         self._index_gen = 0  # newest store snapshot file written (ship_index)
@@ -147,16 +184,34 @@ class ProcessPlanner:
 
     # --- events (compute thread) ----------------------------------------------------------------
     def _slot(self) -> int | None:
-        if self.written - int(self.layout.ctrl[DONE]) >= SLOTS:
+        if self.written - self._ctrl[DONE] >= SLOTS:
             self.dropped += 1
             return None
         return self.written % SLOTS
 
+    def _reserve(self, nbytes: int) -> int:
+        """Where the next payload of ``nbytes`` goes in the ring (bytes): after the last one, or
+        at the start where it would pass the end. The ring holds ``SLOTS`` of the largest, so no
+        event the child has not applied is overwritten."""
+        at = self._cursor
+        if at + nbytes > self._ring_bytes:
+            at = 0
+        self._cursor = at + ((nbytes + ALIGN - 1) & -ALIGN)
+        return at
+
+    def _head_of(self, slot: int, kind: int, a: int, b: int, c: int, at: int) -> None:
+        h, head = HEAD * slot, self._head
+        head[h] = kind
+        head[h + 1] = a
+        head[h + 2] = b
+        head[h + 3] = c
+        head[h + OFFSET] = at >> 2
+
     def _send(self) -> None:
         self.written += 1
         if self.spec.ordered_stores:
-            self.layout.ctrl[WRITTEN] = self.written
-            if not self.layout.ctrl[SLEEPING]:
+            self._ctrl[WRITTEN] = self.written
+            if not self._ctrl[SLEEPING]:
                 return  # it is polling: no wake-up, no system call (a missed wake waits for the next event)
         try:
             os.write(self._fd, b"\x01")
@@ -176,10 +231,12 @@ class ProcessPlanner:
         i = self._slot()
         if i is None:
             return
-        has = embedding is not None
-        if has:
-            self.layout.payload[i, : len(embedding)] = embedding
-        self.layout.head[i] = (START, iteration, tokens, (self._index_gen << 1) | int(has))
+        at = 0
+        if embedding is not None:
+            data = _bytes_of(embedding)
+            at = self._reserve(len(data))
+            self._ring[at : at + len(data)] = data
+        self._head_of(i, START, iteration, tokens, (self._index_gen << 1) | int(embedding is not None), at)
         self._send()
 
     def router(self, layer: int, distribution: np.ndarray | None, rows: np.ndarray | None) -> bool:
@@ -191,20 +248,23 @@ class ProcessPlanner:
         i = self._slot()
         if i is None:
             return False
-        payload = self.layout.payload[i]
-        start = 0
-        if distribution is not None:
-            start = self.spec.num_experts
-            payload[:start] = distribution
-        n = 0 if rows is None else len(rows)
-        derives = False
-        if n:
+        n, derives = 0, False
+        if rows is not None and len(rows):
+            n = len(rows)
             if n > self._max_rows:
                 n, rows = self._max_rows, rows[-self._max_rows :]
             else:
                 derives = layer in self._derives
-            payload[start : start + rows.size] = rows.reshape(-1)
-        self.layout.head[i] = (ROUTER, layer, n, int(distribution is not None) | (int(derives) << 1))
+            rows = _bytes_of(rows)
+        dist = None if distribution is None else _bytes_of(distribution)
+        size = (0 if dist is None else len(dist)) + (len(rows) if n else 0)
+        at = end = self._reserve(size)
+        if dist is not None:
+            end = at + len(dist)
+            self._ring[at:end] = dist
+        if n:
+            self._ring[end : end + len(rows)] = rows
+        self._head_of(i, ROUTER, layer, n, int(dist is not None) | (int(derives) << 1), at)
         self._send()
         return derives
 
@@ -212,36 +272,39 @@ class ProcessPlanner:
         i = self._slot()
         if i is None:
             return
-        experts = list(experts)
-        self.layout.payload[i, : len(experts)] = experts
-        self.layout.head[i] = (USED, layer, len(experts), 0)
+        data = _bytes_of(np.asarray(list(experts), np.float32))
+        at = self._reserve(len(data))
+        self._ring[at : at + len(data)] = data
+        self._head_of(i, USED, layer, len(data) // 4, 0, at)
         self._send()
 
     def reset(self) -> None:
         i = self._slot()
         if i is not None:
-            self.layout.head[i] = (RESET, 0, 0, 0)
+            self._head_of(i, RESET, 0, 0, 0, 0)
             self._send()
 
     def ship_index(self, embeddings: np.ndarray, maps: np.ndarray) -> None:
         """A new store snapshot for the child (any thread): the next ``start`` names it."""
         with self._lock:
             gen = self._index_gen + 1
-            tmp = self.dir / f"index-{gen}.tmp.npz"
-            np.savez(tmp, embeddings=embeddings, maps=maps)
-            tmp.rename(self.dir / f"index-{gen}.npz")
+            tmp = self.dir / f"index-{gen}.tmp"
+            with open(tmp, "wb") as f:  # two .npy records, no zip: a memory copy into /dev/shm
+                np.save(f, np.ascontiguousarray(embeddings, np.float32))
+                np.save(f, np.ascontiguousarray(maps, np.float32))
+            tmp.rename(self.dir / f"index-{gen}.npy")
             self._index_gen = gen
 
     # --- the estimate (any thread) --------------------------------------------------------------
     @property
     def t(self) -> np.ndarray:
         """[L, J] expected layers to next use, the newest the child wrote."""
-        return self.layout.t[self.layout.ctrl[CURRENT]]
+        return self.layout.t[self._ctrl[CURRENT]]
 
     @property
     def plans(self) -> int:
         """How many plans the child has written (a new one: the plan changed)."""
-        return int(self.layout.ctrl[PLANS])
+        return self._ctrl[PLANS]
 
     def plan(self) -> tuple[np.ndarray, np.ndarray]:
         """(flat keys [S], expected layers to use [S]), soonest first: the newest plan."""

@@ -178,6 +178,32 @@ def test_prefetched_expert_counts_as_hit_and_used():
         cache.close()
 
 
+@pytest.mark.parametrize("plan_sorted, taken", [(False, (3, 1)), (True, (3, 0))])
+def test_a_plan_is_sorted_unless_the_policy_says_it_comes_sorted(plan_sorted, taken):
+    """One free slot, a plan listing a lower priority first: the cache sorts it and takes the
+    higher, unless the policy declares its plan best-first; a one-shot iterable plan works too.
+    The worker's deciding time is counted."""
+
+    class Plan(Policy):  # the base's admission: free slots only, so the first taken stays
+        name = "plan"
+
+        def prefetch_plan(self):
+            return iter([Prefetch((3, 0), priority=1.0), Prefetch((3, 1), priority=5.0)])
+
+    policy = Plan(ctx(1))
+    policy.plan_sorted = plan_sorted
+    cache = make_cache(policy, 1)
+    try:
+        deadline = time.time() + 5
+        while not cache.resident_keys() and time.time() < deadline:
+            cache.poke()
+            time.sleep(0.01)
+        assert cache.resident_keys() == {taken}
+        assert cache.decisions_s > 0
+    finally:
+        cache.close()
+
+
 def test_prefetch_without_admission_never_evicts():
     policy = make_policy("on-demand", ctx(1))  # base admit(): free slots only
     policy.prefetch_plan = lambda: [Prefetch((2, 2), 1.0)]

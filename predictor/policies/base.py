@@ -14,7 +14,7 @@ except the router probabilities they are shown.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -149,6 +149,7 @@ class Policy:
     needs_eams = False
     needs_usage = False
     needs_linear_routers = False  # its planner applies the routers outside torch (PolicyContext.linear_routers)
+    plan_sorted = False  # its prefetch_plan comes highest priority first (the cache need not sort it)
     #: every miss is computed on the host, whatever the miss mode (host-all, host-static)
     host_misses = False
     #: its settings; ``ctx.tuning`` must be an instance (or None for the defaults)
@@ -232,7 +233,9 @@ class Policy:
         """Which of ``candidates`` (resident, not in use) to evict for ``incoming``. Default: LRU."""
         return min(candidates, key=lambda k: self._recency.get(k, 0))
 
-    def prefetch_plan(self) -> list[Prefetch]:
+    def prefetch_plan(self) -> Iterable[Prefetch]:
+        """The experts to copy ahead (a list, or an iterable read once), any order unless
+        ``plan_sorted`` says it comes highest priority first."""
         return []
 
     def precision(self, key: Key, prefetch: bool) -> str:

@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from expertmap.predictor.next_use import NextUseModel
 from expertmap.predictor.next_use_plan import NextUsePlanner
-from expertmap.predictor.planner_process import PlannerProcessError, PlannerSpec, ProcessPlanner
+from expertmap.predictor.planner_process import FLOAT32, PlannerProcessError, PlannerSpec, ProcessPlanner
 from expertmap.predictor.policies.base import Policy, Prefetch
 from expertmap.predictor.policies.finemoe import FineMoE, FineMoETuning
 
@@ -75,6 +75,7 @@ class Hybrid(FineMoE):
     name = "hybrid"
     Tuning = HybridTuning
     needs_linear_routers = True
+    plan_sorted = True  # soonest expected use first, as the planner orders it
 
     @classmethod
     def tuning_for_model(cls, folder):
@@ -91,11 +92,15 @@ class Hybrid(FineMoE):
                                    self.tuning.model, self.tuning.min_p, self.prefetches)  # fmt: skip
         self._t = self.core.t  # [L, J] expected layers to next use: the newest estimate
         self.remote = self._start_process() if ctx.planner == "process" and not ctx.synchronous else None
-        self._plan_seen = -1  # the planner process's plan count behind self._plan
+        self._plan_seen = -1  # the planner process's plan count behind self._plan_rows
+        self._plan_rows = [], []  # its plan: flat keys and expected layers to use, soonest first
+        self._keys = [(l, e) for l in range(ctx.num_layers) for e in range(ctx.num_experts)]  # flat -> key
+        self._rows, self._rows_of = None, None  # the estimate as [L][J] lists, and which estimate
         self._process_s = 0.0
         self._derived = None  # the layer whose chosen experts the process derives itself
         self._routers = frozenset(ctx.linear_routers or ())
         self._ship = threading.Event()
+        self._ship_s = 0.0  # CPU seconds of the snapshot thread: this interpreter's, so on the critical path
         self.replica_refresh = self.replica.refresh_every if self.replica is not None else 1
         if self.remote is not None:
             self.planner.close()  # FineMoE's thread is not needed: the process plans
@@ -146,7 +151,11 @@ class Hybrid(FineMoE):
         if self.remote is None:
             return super().on_router(event)
         x = event.router_input
-        rows = None if x is None else _host(x).reshape(-1, x.shape[-1])  # [T, H]
+        rows = None
+        if x is not None:
+            rows = _host(x)  # [T, H]
+            if rows.ndim != 2:
+                rows = rows.reshape(-1, rows.shape[-1])
         mean = None
         if rows is None or event.layer not in self._routers or self.publish:
             mean = _host(event.probs).mean(axis=0)  # [J]; else the process computes it from the rows
@@ -202,8 +211,8 @@ class Hybrid(FineMoE):
         self._plan = self._as_plan(self.core.plan_keys, self.core.plan_t)
 
     def _as_plan(self, keys: np.ndarray, t: np.ndarray) -> list[Prefetch]:
-        layers, experts = np.divmod(keys, self.ctx.num_experts)
-        return [Prefetch((l, e), -v) for l, e, v in zip(layers.tolist(), experts.tolist(), t.tolist())]
+        key_of = self._keys
+        return [Prefetch(key_of[k], -v) for k, v in zip(keys.tolist(), t.tolist())]
 
     # --- planner process ---------------------------------------------------------------------------
     def _ship_snapshot(self, version):
@@ -229,10 +238,12 @@ class Hybrid(FineMoE):
             self._ship.clear()
             if self.remote is None:
                 return
+            t0 = time.thread_time()
             try:
                 version = self._ship_snapshot(version)
             except Exception as exc:  # closing meanwhile
                 logger.debug("hybrid: store snapshot not shipped (%s)", exc)
+            self._ship_s += time.thread_time() - t0
 
     def _estimate(self) -> np.ndarray:
         return self._t if self.remote is None else self.remote.t
@@ -243,12 +254,23 @@ class Hybrid(FineMoE):
         plans = self.remote.plans
         if plans != self._plan_seen:
             self._plan_seen = plans
-            self._plan = self._as_plan(*self.remote.plan())
-        return self._plan or self._hint_plan
+            keys, t = self.remote.plan()
+            self._plan_rows = keys.tolist(), t.tolist()
+        keys, t = self._plan_rows
+        if not keys:
+            return self._hint_plan
+        key_of = self._keys  # made as the cache reads them: it stops at the first it can take
+        return (Prefetch(key_of[k], -v) for k, v in zip(keys, t))
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Wait until every event so far is planned (tests, the end of a run)."""
         return self.planner.drain(timeout) if self.remote is None else self.remote.drain(timeout)
+
+    @property
+    def background_s(self):
+        """The planner thread's CPU seconds (thread planner) or the snapshot thread's (process
+        planner): this interpreter's threads, whose work waits on and holds up the compute thread."""
+        return super().background_s + self._ship_s
 
     @property
     def process_s(self):
@@ -263,23 +285,40 @@ class Hybrid(FineMoE):
             remote.close()
 
     # --- the cache's questions ---------------------------------------------------------------------
+    def _estimate_rows(self) -> list[list[float]]:
+        """The estimate as [L][J] Python lists, converted once per new estimate: the cache's
+        worker asks about single experts many times a layer, and a NumPy item costs a call."""
+        if self.remote is None:
+            of = self._t  # each plan makes a new array (held here, so its identity is not reused)
+            fresh = of is not self._rows_of
+        else:
+            of = self.remote.plans  # the process writes a new estimate with each plan
+            fresh = of != self._rows_of
+        if fresh:
+            self._rows, self._rows_of = self._estimate().tolist(), of
+        return self._rows
+
     def time_to_next_use(self, key) -> float:
-        return float(self._estimate()[key])
+        layer, expert = key
+        return self._estimate_rows()[layer][expert]
 
     def choose_victim(self, candidates, incoming=None):
-        t = self._estimate()
-        return max(candidates, key=lambda k: t[k])
+        t = self._estimate_rows()
+        return max(candidates, key=lambda k: t[k[0]][k[1]])
 
     def admit(self, prefetch, victim):
         if victim is None:
             return True
-        t = self._estimate()
-        return t[prefetch.key] + self.margin < t[victim]
+        t = self._estimate_rows()
+        (pl, pe), (vl, ve) = prefetch.key, victim
+        return t[pl][pe] + self.margin < t[vl][ve]
 
 
 def _host(x) -> np.ndarray:
-    """A tensor as a float32 NumPy array, without a torch operation where it already is one on
-    the CPU (each costs microseconds on a compute thread whose caches the model has just filled)."""
-    if x.dtype is torch.float32 and x.device.type == "cpu":
-        return x.numpy() if not x.requires_grad else x.detach().numpy()
-    return x.detach().float().cpu().numpy()
+    """A tensor as a float32 NumPy array, with one torch call where it is a CPU tensor NumPy can
+    view (each costs microseconds on a compute thread whose caches the model has just filled)."""
+    try:
+        a = x.numpy()
+    except (TypeError, RuntimeError):  # on an accelerator, bfloat16 (no NumPy type), or requires grad
+        return x.detach().float().cpu().numpy()
+    return a if a.dtype is FLOAT32 else a.astype(np.float32)
