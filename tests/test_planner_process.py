@@ -33,6 +33,27 @@ def _index(rng, n=20):
     return rng.normal(size=(n, H)).astype(np.float32), maps
 
 
+def _iteration(rng, routers, inline, remote, it, tokens, send_mean=lambda layer: False) -> int:
+    """One iteration's events to both planners (the inline one given the distribution, the gate
+    and the choice; the process only the router input, and the distribution where
+    ``send_mean(layer)``); then both plan. Returns the router-input bytes sent."""
+    emb = rng.normal(size=H).astype(np.float32)
+    inline.start(it, emb, tokens)
+    remote.start(it, emb, tokens)
+    sent = 0
+    for layer in range(L):
+        rows = rng.normal(size=(tokens, H)).astype(np.float32)  # [T, H]
+        probs = routers[layer](rows)
+        gate = routers[layer + 1](rows).max(axis=0) if layer + 1 < L else None
+        inline.router(layer, probs.mean(axis=0), gate)
+        inline.used(layer, routers[layer].chosen(probs))
+        assert remote.router(layer, probs.mean(axis=0) if send_mean(layer) else None, rows)  # it derives the choice
+        sent += rows.nbytes
+    inline.plan()
+    assert remote.drain(10)
+    return sent
+
+
 def test_the_process_plans_what_the_inline_planner_plans():
     """Same events, same store: the process's estimate and plan equal the inline planner's, where
     the process computes each layer's distribution, gate and chosen experts from the router input."""
@@ -45,19 +66,7 @@ def test_the_process_plans_what_the_inline_planner_plans():
     try:
         remote.ship_index(embeddings, maps)
         for it in range(5):
-            tokens = 7 if it == 0 else 1
-            emb = rng.normal(size=H).astype(np.float32)
-            inline.start(it, emb, tokens)
-            remote.start(it, emb, tokens)
-            for layer in range(L):
-                rows = rng.normal(size=(tokens, H)).astype(np.float32)  # [T, H]
-                probs = routers[layer](rows)
-                gate = routers[layer + 1](rows).max(axis=0) if layer + 1 < L else None
-                inline.router(layer, probs.mean(axis=0), gate)
-                inline.used(layer, routers[layer].chosen(probs))
-                assert remote.router(layer, None, rows)  # it derives the chosen experts itself
-            inline.plan()
-            assert remote.drain(10)
+            _iteration(rng, routers, inline, remote, it, 7 if it == 0 else 1)
             np.testing.assert_allclose(remote.t, inline.t, rtol=1e-5)
             keys, _ = remote.plan()
             assert keys.tolist() == inline.plan_keys.tolist()
@@ -80,19 +89,7 @@ def test_payloads_of_every_size_survive_the_ring_wrapping_around():
     try:
         for it in range(72):
             tokens = spec.max_rows if it % 3 else 1 + it % 5  # the largest router event, or a few rows
-            emb = rng.normal(size=H).astype(np.float32)
-            inline.start(it, emb, tokens)
-            remote.start(it, emb, tokens)
-            for layer in range(L):
-                rows = rng.normal(size=(tokens, H)).astype(np.float32)  # [T, H]
-                probs = routers[layer](rows)
-                gate = routers[layer + 1](rows).max(axis=0) if layer + 1 < L else None
-                inline.router(layer, probs.mean(axis=0), gate)
-                inline.used(layer, routers[layer].chosen(probs))
-                remote.router(layer, probs.mean(axis=0) if layer % 2 else None, rows)
-                sent += rows.nbytes
-            inline.plan()
-            assert remote.drain(10)
+            sent += _iteration(rng, routers, inline, remote, it, tokens, send_mean=lambda layer: layer % 2 == 1)
             np.testing.assert_allclose(remote.t, inline.t, rtol=1e-5)
         assert sent > 4 * spec.ring_floats  # it went round
         assert remote.dropped == 0 and remote.error is None
