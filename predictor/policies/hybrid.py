@@ -211,8 +211,12 @@ class Hybrid(FineMoE):
         self._plan = self._as_plan(self.core.plan_keys, self.core.plan_t)
 
     def _as_plan(self, keys: np.ndarray, t: np.ndarray) -> list[Prefetch]:
+        return list(self._prefetches(keys.tolist(), t.tolist()))
+
+    def _prefetches(self, keys: list[int], t: list[float]):
+        """Prefetch records, made as they are read, from flat keys and expected layers to use."""
         key_of = self._keys
-        return [Prefetch(key_of[k], -v) for k, v in zip(keys.tolist(), t.tolist())]
+        return (Prefetch(key_of[k], -v) for k, v in zip(keys, t))
 
     # --- planner process ---------------------------------------------------------------------------
     def _ship_snapshot(self, version):
@@ -259,8 +263,7 @@ class Hybrid(FineMoE):
         keys, t = self._plan_rows
         if not keys:
             return self._hint_plan
-        key_of = self._keys  # made as the cache reads them: it stops at the first it can take
-        return (Prefetch(key_of[k], -v) for k, v in zip(keys, t))
+        return self._prefetches(keys, t)  # the cache stops at the first it can take
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Wait until every event so far is planned (tests, the end of a run)."""
