@@ -158,6 +158,13 @@ def test_the_adapter_gives_each_bundled_router_as_numpy(name):
         want = adapter.router_probs(layer.router(x)).float().numpy()
     np.testing.assert_allclose(router(x.float().numpy()), want, atol=1e-2)
     assert adapter.linear_router(torch.nn.Sequential(torch.nn.Linear(4, 4)), 2) is None  # not such a router
+    # an observer hooked to the router (as the shard runtime's is) does not run in the check
+    seen = []
+    handle = layer.router.register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        assert adapter.linear_router(layer.router, adapter.top_k(model.config)) is not None and not seen
+    finally:
+        handle.remove()
 
 
 def test_the_engine_plans_in_a_process_and_sends_only_router_events():

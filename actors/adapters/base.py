@@ -130,7 +130,8 @@ class ArchitectureAdapter(ABC):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(4, w.shape[1], generator=gen).to(weight.dtype)  # [4, H]
         with torch.no_grad():
-            want = self.router_probs(router(x.to(weight.device))).float().cpu().numpy()  # [4, J]
+            # forward, not __call__: the check is of the router's own map, not of any observer hooked to it
+            want = self.router_probs(router.forward(x.to(weight.device))).float().cpu().numpy()  # [4, J]
         for activation in ACTIVATIONS:
             gate = LinearRouter(w, b, activation, top_k if self.selects_top_k else None)
             if want.shape == (4, w.shape[0]) and np.abs(gate(x.float().numpy()) - want).max() < 1e-2:
