@@ -143,6 +143,7 @@ class ExpertCache:
                     if key not in self._loading:
                         self._loading[key] = False
                         self._demand.append(key)
+                        self.transfer.demand.set()  # a prefetch on the link pauses at its next chunk
                     elif self._loading[key]:
                         self._late_prefetch.add(key)
             if misses or hosted:
@@ -230,6 +231,7 @@ class ExpertCache:
         with self._cv:
             while self._loading:  # let a copy on the link finish; nothing new starts meanwhile
                 self._demand.clear()
+                self.transfer.demand.clear()
                 self._cv.wait(timeout=0.1)
             if not keep_all:
                 self._free.extend(self._slot_of.values())
@@ -275,6 +277,8 @@ class ExpertCache:
             if slot is None:
                 return None  # every slot is pinned by the computing layer: wait for a release
             self._demand.popleft()
+            if not self._demand:
+                self.transfer.demand.clear()
             return key, slot, False
         if not self.policy.ctx.prefetch:
             return self._next_host_copy()
@@ -357,6 +361,7 @@ class ExpertCache:
         while True:
             with self._cv:
                 if not self._demand or self._stop:
+                    self.transfer.demand.clear()
                     return
                 key = self._demand[0]
                 t0 = time.thread_time()

@@ -14,6 +14,7 @@ link is serial, as a PCIe link is. ``copy`` returns when the expert is fully res
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 
@@ -29,6 +30,10 @@ class TransferEngine(ABC):
         self.pool = pool
         self.busy_s = 0.0  # time the link was occupied
         self._bytes_copied = 0
+        #: set by the cache while a miss waits for the link: a prefetch's copy may sleep through its
+        #: chunk boundaries until it is set (each wake-up of the worker takes the interpreter from
+        #: the compute thread)
+        self.demand = threading.Event()
 
     #: a copy is made in this many chunks; between chunks ``between_chunks`` runs (pause on miss)
     chunks = 8
@@ -69,16 +74,25 @@ class EmulatedLink(TransferEngine):
 
     def copy(self, slot, host, nbytes, between_chunks=None):
         t0 = time.perf_counter()
-        self.pool.write(slot, host)  # the bytes; the link is then held chunk by chunk
-        chunk_s = nbytes / self.bandwidth / self.chunks
-        for i in range(self.chunks):
-            remaining = (i + 1) * chunk_s - (time.perf_counter() - t0)
-            if remaining > 0:
-                time.sleep(remaining)
-            if between_chunks is not None and i + 1 < self.chunks:
-                paused = time.perf_counter()
-                between_chunks()
-                t0 += time.perf_counter() - paused  # paused time is not this copy's
+        self.pool.write(slot, host)  # the bytes; the link is then held for bytes / bandwidth
+        total_s = nbytes / self.bandwidth
+        chunk_s = total_s / self.chunks
+        while True:
+            left = t0 + total_s - time.perf_counter()
+            if left <= 0:
+                break
+            if between_chunks is None or not self.demand.wait(timeout=left):
+                time.sleep(max(0.0, t0 + total_s - time.perf_counter()))  # no miss waited: done
+                break
+            # a miss waits: hold the link to the next chunk boundary, then let the misses go first
+            done = int((time.perf_counter() - t0) / chunk_s) + 1  # chunks complete at the boundary
+            if done >= self.chunks:
+                time.sleep(max(0.0, t0 + total_s - time.perf_counter()))
+                break
+            time.sleep(max(0.0, t0 + done * chunk_s - time.perf_counter()))
+            paused = time.perf_counter()
+            between_chunks()
+            t0 += time.perf_counter() - paused  # paused time is not this copy's
         self.busy_s += time.perf_counter() - t0
         self._count(nbytes)
 

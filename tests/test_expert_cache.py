@@ -10,7 +10,7 @@ import torch
 
 from expertmap.actors.expert_cache import ExpertCache
 from expertmap.actors.slot_pool import SlotPool
-from expertmap.actors.transfer import InstantLink, TransferEngine
+from expertmap.actors.transfer import EmulatedLink, InstantLink, TransferEngine
 from expertmap.predictor.policies import PolicyContext, Prefetch, make_policy
 from expertmap.predictor.policies.base import Policy
 
@@ -215,6 +215,27 @@ def test_prefetch_without_admission_never_evicts():
         assert cache.resident_keys() == {(0, 0)}
     finally:
         cache.close()
+
+
+def test_an_emulated_copy_pauses_for_a_miss_at_its_next_chunk_boundary_only():
+    """The emulated link holds a copy for bytes / bandwidth; a prefetch lets waiting misses go
+    first at the chunk boundary after one arrives (the cache sets ``demand``), not before it, and
+    without one it does not stop at all."""
+    pool = SlotPool(1, {"w": torch.Size([2, 3])}, torch.float32, torch.device("cpu"))
+    link = EmulatedLink(pool, bandwidth_bytes_per_s=24 / 0.4)  # one copy: 0.4 s, 8 chunks of 0.05 s
+    pauses = []
+    link.copy(0, host_weights((1, 2)), 24, between_chunks=lambda: pauses.append("paused"))
+    assert pauses == [] and pool.view(0)["w"][0, 0].item() == 102.0
+    t0 = time.perf_counter()
+    threading.Timer(0.12, link.demand.set).start()  # a miss arrives 0.12 s into the copy
+
+    def serve_misses():
+        pauses.append(time.perf_counter() - t0)
+        link.demand.clear()
+
+    link.copy(0, host_weights((3, 1)), 24, between_chunks=serve_misses)
+    assert len(pauses) == 1 and 0.145 <= pauses[0] < 0.35  # at the 0.15 s boundary
+    assert pool.view(0)["w"][0, 0].item() == 301.0
 
 
 def test_worker_failure_surfaces_on_the_compute_thread():
