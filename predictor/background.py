@@ -5,7 +5,8 @@ expensive planning step only for the newest item: when more work is already wait
 for an older position is stale and is skipped. An item submitted with ``replan=False`` only
 updates state (the next planning item plans with it). If the queue is full the item is dropped and
 counted, and the consumer is told (``on_drop``) so it can stop trusting its incremental state.
-``synchronous=True`` runs everything inline (the trace-driven simulator, tests).
+``synchronous=True`` runs everything inline (the trace-driven simulator, tests). The thread starts
+with the first item, so a policy that never submits (hybrid planning in a process) has none.
 
 ``busy_s`` is the worker's CPU time in ``apply`` and ``plan`` (not its waits for the
 interpreter). Python runs one thread at a time (the GIL), so where the compute thread is
@@ -47,10 +48,10 @@ class BackgroundPlanner:
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._idle = threading.Event()
         self._idle.set()
-        self._thread = None
-        if not synchronous:
-            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-            self._thread.start()
+        self._name = name
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._start_lock = threading.Lock()
 
     def submit(self, item: Any, replan: bool = True) -> None:
         if self.synchronous:
@@ -58,19 +59,35 @@ class BackgroundPlanner:
             if replan:
                 self.plan()
             return
+        if (self._thread is None or self._closed) and not self._start():
+            self._drop(item)
+            return
         try:
             self._idle.clear()
             self._queue.put_nowait((item, replan))
         except queue.Full:
-            self.dropped += 1
-            if self.on_drop is not None:
-                self.on_drop(item)
+            self._drop(item)
+
+    def _start(self) -> bool:
+        """Start the worker (first submit); False once closed: nothing runs the item."""
+        with self._start_lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            return self._thread is not None and not self._closed
+
+    def _drop(self, item: Any) -> None:
+        self.dropped += 1
+        if self.on_drop is not None:
+            self.on_drop(item)
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Wait until the queue is empty and the last item is processed (tests, end of run)."""
         return self.synchronous or self._idle.wait(timeout)
 
     def close(self) -> None:
+        with self._start_lock:
+            self._closed = True
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=5)

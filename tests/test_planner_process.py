@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -183,6 +185,7 @@ def test_the_engine_plans_in_a_process_and_sends_only_router_events():
         iterations, layers = engine.runtime.iteration + 1, engine.runtime.num_moe_layers
         assert policy.remote.written == iterations * (1 + layers) and policy.remote.dropped == 0
         assert policy.remote.error is None and (policy.remote.t < 1e6).all()
+        assert not any(t.name == "hybrid-planner" for t in threading.enumerate())  # no planner thread
         assert engine.process_frac > 0
         # prediction's share: the callbacks and this interpreter's snapshot thread, not the process
         shipping = policy.background_s / engine.runtime.iterations_s

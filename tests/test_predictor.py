@@ -202,6 +202,26 @@ def test_background_planner_drops_when_full_and_says_so():
     planner.close()
 
 
+def test_background_planner_starts_its_thread_with_the_first_item_and_not_after_close():
+    def planner_threads():
+        return [t for t in threading.enumerate() if t.name == "lazy-planner"]
+
+    applied, dropped = [], []
+    planner = BackgroundPlanner(applied.append, lambda: None, on_drop=dropped.append, name="lazy-planner")
+    assert planner_threads() == []  # a policy that never submits (hybrid's process mode) has no thread
+    planner.submit(1)
+    assert planner.drain(5) and applied == [1] and len(planner_threads()) == 1
+    planner.close()
+    assert planner_threads() == []
+    planner.submit(2)  # after close: nothing runs it, and the consumer is told
+    assert applied == [1] and dropped == [2] and planner.dropped == 1 and planner_threads() == []
+
+    unused = BackgroundPlanner(applied.append, lambda: None, name="lazy-planner")
+    unused.close()
+    unused.submit(3)
+    assert planner_threads() == [] and unused.dropped == 1
+
+
 def test_fate_quotas_favour_shallow_layers():
     assert layer_quotas(8, 16, 2, 32) == [4] * 8  # 16 + 7 x 3 > 32: no whole layer fits
     assert layer_quotas(8, 16, 2, 64) == [16, 16, 16, 3, 3, 3, 3, 3]  # 48 + 5 x 3 <= 64

@@ -103,7 +103,6 @@ class Hybrid(FineMoE):
         self._ship_s = 0.0  # CPU seconds of the snapshot thread: this interpreter's, so on the critical path
         self.replica_refresh = self.replica.refresh_every if self.replica is not None else 1
         if self.remote is not None:
-            self.planner.close()  # FineMoE's thread is not needed: the process plans
             version = self._ship_snapshot(None)  # the store as it is, before the first iteration
             threading.Thread(target=self._ship_loop, args=(version,), name="hybrid-index", daemon=True).start()
         self.contains = lambda key: False  # set by the cache: resident or in flight
