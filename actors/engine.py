@@ -133,6 +133,12 @@ class OffloadEngine:
         return self.runtime.decision_frac
 
     @property
+    def waiting_frac(self) -> float:
+        """The share of iteration time the compute thread waited for the interpreter, a core or a
+        lock (neither computing nor stalled for an expert); see ``ShardRuntime.waiting_frac``."""
+        return self.runtime.waiting_frac
+
+    @property
     def process_frac(self) -> float:
         """The policy's planner process's CPU time as a fraction of iteration time (another core's)."""
         return self.runtime.process_frac

@@ -215,6 +215,7 @@ class ShardRuntime:
             self.cache.transfer = EmulatedLink(self.pool, self.bandwidth)
         self.policy_s = 0.0  # time in policy callbacks on the compute thread (the critical path)
         self.iterations_s = 0.0
+        self.iterations_cpu_s = 0.0  # the compute thread's CPU time in them (``waiting_frac``)
         self.runner = ExpertRunner(self.adapter, self.cache, self._on_layer_start)
         self.runner.num_layers = self.num_moe_layers
         self.host_compute = attach_host_compute(self)  # --miss host|auto (None: copy); actors/host_compute.py
@@ -299,9 +300,10 @@ class ShardRuntime:
             for rid in mb.release:
                 self.requests.pop(rid, None)
             if mb.steps:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 self._run(mb.steps)
                 elapsed = time.perf_counter() - t0
+                self.iterations_cpu_s += time.thread_time() - c0
                 mb.stage_s.append(elapsed)
                 self.busy_s += elapsed
                 self.iterations_s += elapsed
@@ -547,6 +549,18 @@ class ShardRuntime:
         return self.cache.decisions_s / self.iterations_s if self.iterations_s else 0.0
 
     @property
+    def waiting_frac(self) -> float:
+        """The share of iteration time the compute thread neither ran nor stalled for an expert:
+        it waited for the interpreter (another thread of this process held the GIL), for a core
+        (another process had it) or for a lock. On a CPU device, whose kernels run on this thread
+        (one intra-op thread), it is what everything else running costs the critical path; on
+        CUDA it also holds the waits for kernels."""
+        if not self.iterations_s:
+            return 0.0
+        ran_or_stalled = self.iterations_cpu_s + self.cache.snapshot_stats().stall_s
+        return max(0.0, self.iterations_s - ran_or_stalled) / self.iterations_s
+
+    @property
     def process_frac(self) -> float:
         """The CPU time of the policy's planner process (off this interpreter, on another core
         where there is one) as a fraction of iteration time; 0 for policies without one."""
@@ -579,7 +593,7 @@ class ShardRuntime:
             self.cache.clear(keep_all=self.policy.all_resident)
             self.runner.trace = []
             self.iteration = -1
-            self.busy_s = self.policy_s = self.iterations_s = 0.0
+            self.busy_s = self.policy_s = self.iterations_s = self.iterations_cpu_s = 0.0
             self.steps_done = 0
             self._started = time.perf_counter()
 

@@ -98,7 +98,9 @@ class EmulatedLink(TransferEngine):
 
 
 class CudaTransfer(TransferEngine):
-    """Copy stream + events. Host tensors must be pinned for the copies to be asynchronous."""
+    """Copy stream + events. Host tensors must be pinned for the copies to be asynchronous. A copy
+    is issued a chunk at a time and waits for each; between chunks the waiting misses go first, and
+    only while one waits (``demand``) is the cache called there."""
 
     def __init__(self, pool: SlotPool, device: torch.device):
         super().__init__(pool)
@@ -132,7 +134,7 @@ class CudaTransfer(TransferEngine):
                         d_chunks[i].copy_(h_chunks[i], non_blocking=True)
                 done.record(self.stream)
             done.synchronize()  # on the transfer worker thread only
-            if between_chunks is not None and i + 1 < self.chunks:
+            if between_chunks is not None and i + 1 < self.chunks and self.demand.is_set():
                 paused = time.perf_counter()
                 between_chunks()
                 t0 += time.perf_counter() - paused  # paused time is not this copy's

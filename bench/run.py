@@ -251,6 +251,7 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
             "prediction_frac": engine.prediction_frac,
             "process_frac": engine.process_frac,
             "decision_frac": engine.decision_frac,
+            "waiting_frac": engine.waiting_frac,
             "accesses": s.accesses,
             "texts_equal_resident": None,
             "layer_time_s": engine.layer_time_s,

@@ -192,31 +192,39 @@ class NextUseState:
         return p.reshape(self.L, self.J), t.reshape(self.L, self.J)
 
 
-def walk(traces, index, num_layers: int, num_experts: int, passes: int = 1):
-    """Every position of ``traces`` as a policy would see it: yields (state, label [L*J]) where
-    label is 1 if the expert is used at one of its layer's next ``passes`` passes (training data
-    for ``fit_next_use``)."""
-    L = num_layers
+def positions(traces, index, state: NextUseState):
+    """Feed ``state`` every position of ``traces`` as a policy sees it: an iteration's start, then
+    each layer's router and use events. Yields (iterations, i, now) after each: the flat list of
+    iterations, the current one and the last layer computed in it (-1: none yet)."""
     iterations = [it for req in traces for it in req.iterations]
-    state = NextUseState(L, num_experts)
     for i, it in enumerate(iterations):
         state.start(i, index, it.embedding, it.num_tokens)
-        for now in range(-1, L):
+        for now in range(-1, state.L):
             if now >= 0:
                 gate = it.next_gate[now]
                 state.router(now, it.probs[now].mean(axis=0), None if gate is None else gate.max(axis=0))
                 state.used(now, it.selected[now])
-            label = np.zeros((L, num_experts))
-            complete = True
-            for layer in range(L):
-                first = i if layer > now else i + 1
-                for src in range(first, first + passes):
-                    if src >= len(iterations):
-                        complete = False
-                        break
-                    label[layer, iterations[src].selected[layer]] = 1.0
-            if complete:
-                yield state, label.reshape(-1)
+            yield iterations, i, now
+
+
+def walk(traces, index, num_layers: int, num_experts: int, passes: int = 1, state: NextUseState | None = None):
+    """Every position of ``traces`` as a policy would see it: yields (state, label [L*J]) where
+    label is 1 if the expert is used at one of its layer's next ``passes`` passes (training data
+    for ``fit_next_use``; ``state``: a NextUseState of the traces' shape, e.g. one with more features)."""
+    L = num_layers
+    state = NextUseState(L, num_experts) if state is None else state
+    for iterations, i, now in positions(traces, index, state):
+        label = np.zeros((L, num_experts))
+        complete = True
+        for layer in range(L):
+            first = i if layer > now else i + 1
+            for src in range(first, first + passes):
+                if src >= len(iterations):
+                    complete = False
+                    break
+                label[layer, iterations[src].selected[layer]] = 1.0
+        if complete:
+            yield state, label.reshape(-1)
 
 
 def fit_next_use(traces, index, num_layers: int, num_experts: int, l2: float = 1.0, steps: int = 25,

@@ -43,6 +43,38 @@ def test_resident_has_no_misses_and_oracle_beats_on_demand_at_every_budget(bundl
         assert oracle.precision <= 1.0
 
 
+def test_compute_thread_waiting_counts_a_thread_that_holds_the_interpreter(bundled_model):
+    """``waiting_frac``: iteration time the compute thread neither ran nor stalled for an expert.
+    A pure-Python thread spinning beside it makes the compute thread wait for the interpreter at
+    every return from a kernel, so the share rises well above the uncontended run's."""
+    import threading
+
+    engine = OffloadEngine(EngineConfig(model=bundled_model.folder, policy="on-demand", budget=0.25, link=INSTANT))
+    try:
+        engine.generate(PROMPTS[0], max_new_tokens=8, do_sample=False)
+        alone = engine.waiting_frac
+        rt = engine.runtime
+        assert 0.0 < rt.iterations_cpu_s <= rt.iterations_s and 0.0 <= alone < 1.0
+        engine.runtime.reset()
+        stop = threading.Event()
+
+        def spin():
+            while not stop.is_set():
+                pass
+
+        spinner = threading.Thread(target=spin, daemon=True)
+        spinner.start()
+        try:
+            engine.generate(PROMPTS[0], max_new_tokens=8, do_sample=False)
+        finally:
+            stop.set()
+            spinner.join(5)
+        contended = engine.waiting_frac
+        assert contended > alone + 0.1 and contended > 0.2, (alone, contended)
+    finally:
+        engine.close()
+
+
 def test_trace_recorder_keeps_one_expert_map_per_iteration(bundled_model):
     """The trace recorder listens to the shard runtime's events: one entry per iteration with
     every layer's router distribution, the pooled token embedding and the experts computed."""

@@ -7,11 +7,10 @@ from expertmap.bench.attribution import attributed_replay
 from expertmap.predictor.policies import make_policy
 
 def load(evalset):
-    d = pickle.load(open("/tmp/em12/traces.pkl", "rb"))
     warm = pickle.load(open("/tmp/em12/warm.pkl", "rb"))
     if evalset == "tune":
         return warm[:300], warm[300:380]
-    return warm[:300], d[evalset]
+    return warm[:300], pickle.load(open("/tmp/em12/traces.pkl", "rb"))[evalset]
 
 def run(name, evals, factory, slots, ratio, tuning=None, prefetch=True, attrib=False, distance=None):
     inputs = factory.inputs(name, access_trace(evals), True, distance)

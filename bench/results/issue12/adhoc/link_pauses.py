@@ -1,7 +1,6 @@
 """How often a prefetch copy on the emulated link calls back between chunks (the worker waking), with hybrid at
 ratio 1 on 3 prompts. Usage: python link_pauses.py (traces from record*.py in /tmp/em12)."""
 import sys, collections; sys.path.insert(1, "/tmp/em12")
-import numpy as np
 from exp import setup
 from expertmap.actors.config import Budget, EngineConfig
 from expertmap.actors.engine import OffloadEngine

@@ -1,7 +1,7 @@
 """Hybrid's prediction work as a share of iteration time on the real engine, with its planner on a thread
 (callbacks vs callbacks + planner CPU time) and inline (synchronous: all of it in the callbacks).
 Usage: python prediction_cost.py instant,ratio:1,rtx3090-pcie4-mixtral hybrid 4 (traces from record*.py in /tmp/em12)."""
-import sys, os, time; sys.path.insert(0, "/tmp/em12")
+import sys; sys.path.insert(0, "/tmp/em12")
 from exp import setup
 from expertmap.actors.config import Budget, EngineConfig
 from expertmap.actors.engine import OffloadEngine

@@ -1,6 +1,5 @@
-import os
 """Record traces once for issue-12 iteration: warm (dev_mix warm split 0..380), dev eval, other eval."""
-import pickle, time
+import os, pickle, time
 from pathlib import Path
 from expertmap.actors import defaults
 from expertmap.actors.trace_recorder import TraceRecorder

@@ -1,9 +1,8 @@
 """Record dev_mix warm-up prompts 240-340 with multi-hop gates: layer l's router input through the
 routers of layers l+2 and l+3, max over tokens, into /tmp/em13/hops.pkl (for multi_hop_gate.py).
 Usage: WORKLOADS=<folder of the workload files> python record_multi_hop.py"""
-import os, pickle, sys, time
+import os, pickle, time
 from pathlib import Path
-import numpy as np
 from expertmap.actors import defaults
 from expertmap.actors.trace_recorder import TraceRecorder
 from expertmap.cluster.workload import load_workload, split

@@ -1,5 +1,5 @@
-import os
-import pickle, time, torch
+"""Record the warm-up traces alone (dev_mix warm split 0..380) into /tmp/em12/warm.pkl, 20 prompts at a time."""
+import os, pickle, time, torch
 from pathlib import Path
 from expertmap.actors import defaults
 from expertmap.actors.trace_recorder import TraceRecorder
