@@ -139,6 +139,11 @@ class OffloadEngine:
         return self.runtime.waiting_frac
 
     @property
+    def unstalled_s(self) -> float:
+        """Mean seconds of an iteration not stalled for an expert (``ShardRuntime.unstalled_s``)."""
+        return self.runtime.unstalled_s
+
+    @property
     def process_frac(self) -> float:
         """The policy's planner process's CPU time as a fraction of iteration time (another core's)."""
         return self.runtime.process_frac

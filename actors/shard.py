@@ -561,6 +561,17 @@ class ShardRuntime:
         return max(0.0, self.iterations_s - ran_or_stalled) / self.iterations_s
 
     @property
+    def unstalled_s(self) -> float:
+        """Mean seconds of an iteration the compute thread was not stalled for an expert: its
+        compute, the policy's callbacks and its waits for the interpreter or a core. Two policies
+        compute the same tokens, so on the same link and prompts the difference is what the one's
+        prediction costs the critical path, everything included."""
+        iterations = self.iteration + 1
+        if iterations <= 0:
+            return 0.0
+        return max(0.0, self.iterations_s - self.cache.snapshot_stats().stall_s) / iterations
+
+    @property
     def process_frac(self) -> float:
         """The CPU time of the policy's planner process (off this interpreter, on another core
         where there is one) as a fraction of iteration time; 0 for policies without one."""

@@ -34,17 +34,21 @@ def policy_table(policies: dict) -> list[str]:
 
 def engine_table(engine: dict) -> list[str]:
     rows = [
-        "| policy | hit rate | TTFT p50 ms | TPOT mean ms | TPOT p99 ms | tokens/s | callbacks | callbacks + policy threads | cache decisions | planner process | compute thread waiting | text = resident |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+        "| policy | hit rate | TTFT p50 ms | TPOT mean ms | TPOT p99 ms | tokens/s | callbacks | callbacks + policy threads | cache decisions | planner process | compute thread waiting | not stalled, ms an iteration | text = resident |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
     ]
     for name, r in engine.items():
         rows.append(
             f"| {name} | {r['hit_rate']:.3f} | {r['ttft_s']['p50'] * 1e3:.0f} | {r['tpot_s']['mean'] * 1e3:.1f} | "
             f"{r['tpot_s']['p99'] * 1e3:.1f} | {r['tokens_per_s']:.1f} | {r['overhead_frac']:.2%} | "
             f"{_share(r.get('prediction_frac'))} | {_share(r.get('decision_frac'))} | {_share(r.get('process_frac'))} | "
-            f"{_share(r.get('waiting_frac'))} | {_text_check(r['texts_equal_resident'])} |"
+            f"{_share(r.get('waiting_frac'))} | {_ms(r.get('unstalled_s'))} | {_text_check(r['texts_equal_resident'])} |"
         )
     return rows
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
 
 
 def _share(frac: float | None) -> str:

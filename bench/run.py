@@ -252,6 +252,7 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
             "process_frac": engine.process_frac,
             "decision_frac": engine.decision_frac,
             "waiting_frac": engine.waiting_frac,
+            "unstalled_s": engine.unstalled_s,
             "accesses": s.accesses,
             "texts_equal_resident": None,
             "layer_time_s": engine.layer_time_s,

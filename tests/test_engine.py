@@ -44,7 +44,8 @@ def test_resident_has_no_misses_and_oracle_beats_on_demand_at_every_budget(bundl
 
 
 def test_compute_thread_waiting_counts_a_thread_that_holds_the_interpreter(bundled_model):
-    """``waiting_frac``: iteration time the compute thread neither ran nor stalled for an expert.
+    """``waiting_frac``: iteration time the compute thread neither ran nor stalled for an expert
+    (``unstalled_s``: the time not stalled, a mean per iteration).
     A pure-Python thread spinning beside it makes the compute thread wait for the interpreter at
     every return from a kernel, so the share rises well above the uncontended run's."""
     import threading
@@ -55,6 +56,8 @@ def test_compute_thread_waiting_counts_a_thread_that_holds_the_interpreter(bundl
         alone = engine.waiting_frac
         rt = engine.runtime
         assert 0.0 < rt.iterations_cpu_s <= rt.iterations_s and 0.0 <= alone < 1.0
+        stall = rt.cache.snapshot_stats().stall_s  # misses wait for the copy, even an instant one
+        assert engine.unstalled_s * (rt.iteration + 1) == pytest.approx(rt.iterations_s - stall)
         engine.runtime.reset()
         stop = threading.Event()
 
