@@ -39,9 +39,13 @@ class Generation:
 
 
 class OffloadEngine:
-    def __init__(self, config: EngineConfig, inputs: PolicyInputs | None = None, progress: bool = False):
+    def __init__(self, config: EngineConfig, inputs: PolicyInputs | None = None, progress: bool = False,
+                 layer_time_s: float | None = None):  # fmt: skip
+        """``layer_time_s``: one decoder layer's decode time for an emulated link's copy/layer
+        ratio (None: measured at start-up). Engines compared on one link should share it: this
+        machine's speed drifts, and each measurement would give its engine another link."""
         self.config = config
-        self.runtime = ShardRuntime(config, inputs=inputs, progress=progress)
+        self.runtime = ShardRuntime(config, inputs=inputs, progress=progress, layer_time_s=layer_time_s)
         rt = self.runtime
         self.model, self.tokenizer, self.device = rt.model, rt.tokenizer, rt.device
         self.layers, self.num_experts, self.top_k = rt.moe, rt.num_experts, rt.top_k

@@ -92,11 +92,13 @@ def engine_check(model, prompts, link, budget, hosts, policies, factory, new_tok
     rows = [("resident", "copy", hosts[0])] + [(p, m, h) for p in policies for m in ("copy", "auto") for h in hosts
                                                 if m == "auto" or h == hosts[0]]  # fmt: skip
     rows += [(b, "host", h) for b in BASELINES for h in hosts[:1]]
-    out, ref = {}, None
+    out, ref, layer_s = {}, None, None
     for name, miss, h in rows:
         trace = None
         engine = OffloadEngine(EngineConfig(model=model, policy=name, budget=budget, link=link, miss=miss,
-                                            host=host_config(h, link.profile)), factory.inputs(name, trace, False))  # fmt: skip
+                                            host=host_config(h, link.profile)), factory.inputs(name, trace, False),
+                               layer_time_s=layer_s)  # fmt: skip
+        layer_s = engine.layer_time_s  # the first engine's, shared: one link for every row
         tokens, tpots, host_n = [], [], 0
         for req in prompts:
             ids = engine.tokenizer(req.prompt).input_ids[:256]

@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         reference.append(out[0, len(ids) :].tolist())
     report = {"full_model": {"perplexity": perplexity(plain, windows) if windows else None}}
     del plain
+    layer_s = None
     for policy in ("fate", "fate-lossy"):
-        engine = OffloadEngine(EngineConfig(model=args.model, policy=policy, budget=args.budget, link=link))
+        engine = OffloadEngine(EngineConfig(model=args.model, policy=policy, budget=args.budget, link=link),
+                               layer_time_s=layer_s)  # fmt: skip
+        layer_s = engine.layer_time_s  # the first engine's, shared: both policies get one link
         agree, first_diff, tpots = [], [], []
         for ids, ref in zip(prompts, reference):
             g = engine.generate(ids, max_new_tokens=args.max_new_tokens)

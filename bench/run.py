@@ -207,9 +207,12 @@ def replay_row(factory, name, prefetch, traces, slots, ratio, layer_s, expert_by
 
 
 def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory, link: LinkConfig, out_lines: list,
-                    miss_of: dict[str, str] | None = None, host: HostConfig | None = None):  # fmt: skip
+                    miss_of: dict[str, str] | None = None, host: HostConfig | None = None,
+                    layer_time_s: float | None = None):  # fmt: skip
     """Real engine, real-time emulated link: texts, TTFT/TPOT, critical-path overhead.
-    ``miss_of``: row label -> miss mode (default copy); ``host``: the host profile for host/auto rows."""
+    ``miss_of``: row label -> miss mode (default copy); ``host``: the host profile for host/auto rows;
+    ``layer_time_s``: the decode-layer time every engine's emulated link is derived from (None: the
+    first engine measures it and the others share it, so that every policy gets the same link)."""
     results = {}
     budget = Budget.parse(cfg.budget)
     for label, name, prefetch in tqdm(rows, desc="engine runs", unit="policy"):
@@ -220,8 +223,9 @@ def run_engine_rows(cfg: BenchConfig, rows, prompts: list[RequestTrace], factory
         engine = OffloadEngine(
             EngineConfig(model=cfg.model, device=cfg.device, policy=name, budget=budget, link=link, prefetch=prefetch,
                          miss=miss, host=host or HostConfig()),
-            factory.inputs(name, trace, synchronous=False),
+            factory.inputs(name, trace, synchronous=False), layer_time_s=layer_time_s,
         )  # fmt: skip
+        layer_time_s = engine.layer_time_s
         ttfts, tpots, texts = [], [], []
         for req in prompts:
             g = engine.generate(
@@ -364,7 +368,8 @@ def run(cfg: BenchConfig) -> dict:
     if cfg.engine_prompts > 0:
         engine_rows += [(label, name, prefetch) for label, name, prefetch, _ in miss_rows if prefetch]
         results["engine"] = run_engine_rows(cfg, engine_rows, eval_traces[: cfg.engine_prompts], factory, link, outputs,
-                                            miss_of={r[0]: r[3] for r in miss_rows}, host=host)  # fmt: skip
+                                            miss_of={r[0]: r[3] for r in miss_rows}, host=host,
+                                            layer_time_s=layer_s)  # fmt: skip
     for label, row in results["engine"].items():
         if label in results["policies"]:
             results["policies"][label]["overhead_frac"] = row["overhead_frac"]

@@ -101,3 +101,5 @@ def test_bench_runs_on_its_defaults_with_an_instant_link(tmp_path):
     assert (cfg["warm_prompts"], cfg["eval_prompts"]) == (3, 2)
     assert results["policies"]["on-demand"]["stall_s"] == 0.0  # an instant link never stalls the replay
     assert results["engine"]["on-demand"]["texts_equal_resident"] is True
+    # every policy's engine runs on the link of one layer-time measurement, the replay's
+    assert {row["layer_time_s"] for row in results["engine"].values()} == {cfg["layer_time_s"]}
