@@ -186,6 +186,14 @@ def test_the_engine_plans_in_a_process_and_sends_only_router_events():
         assert policy.remote.written == iterations * (1 + layers) and policy.remote.dropped == 0
         assert policy.remote.error is None and (policy.remote.t < 1e6).all()
         assert not any(t.name == "hybrid-planner" for t in threading.enumerate())  # no planner thread
+        # the plan the cache reads skips what the cache holds (resident or in flight), as it is read
+        cache_holds = policy.contains
+        policy.contains = lambda key: False
+        full = list(policy.prefetch_plan())
+        assert full
+        policy.contains = {full[0].key}.__contains__
+        assert list(policy.prefetch_plan()) == full[1:]
+        policy.contains = cache_holds
         assert engine.process_frac > 0
         # prediction's share: the callbacks and this interpreter's snapshot thread, not the process
         shipping = policy.background_s / engine.runtime.iterations_s

@@ -212,10 +212,15 @@ class Hybrid(FineMoE):
     def _as_plan(self, keys: np.ndarray, t: np.ndarray) -> list[Prefetch]:
         return list(self._prefetches(keys.tolist(), t.tolist()))
 
-    def _prefetches(self, keys: list[int], t: list[float]):
-        """Prefetch records, made as they are read, from flat keys and expected layers to use."""
+    def _prefetches(self, keys: list[int], t: list[float], held=None):
+        """Prefetch records, made as they are read, from flat keys and expected layers to use.
+        ``held``: skip an expert it says is resident or in flight before its record is made (a
+        plan read while the cache decides: most of it is resident, and the cache would make and
+        drop a record for each, at every decision)."""
         key_of = self._keys
-        return (Prefetch(key_of[k], -v) for k, v in zip(keys, t))
+        if held is None:
+            return (Prefetch(key_of[k], -v) for k, v in zip(keys, t))
+        return (Prefetch(key_of[k], -v) for k, v in zip(keys, t) if not held(key_of[k]))
 
     # --- planner process ---------------------------------------------------------------------------
     def _ship_snapshot(self, version):
@@ -262,7 +267,7 @@ class Hybrid(FineMoE):
         keys, t = self._plan_rows
         if not keys:
             return self._hint_plan
-        return self._prefetches(keys, t)  # the cache stops at the first it can take
+        return self._prefetches(keys, t, self.contains)  # read as the cache decides; it stops at the first it can take
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Wait until every event so far is planned (tests, the end of a run)."""
