@@ -46,8 +46,10 @@ class ModelFigures:
 
 # Mixtral-8x7B: hidden 4096, expert FFN 14336, 32 q heads x 128, 8 kv heads x 128, top-2.
 MIXTRAL_8X7B = ModelFigures("Mixtral-8x7B", 4096, 14336, 4096 * 4096 * 2 + 4096 * 1024 * 2, 2)
-# Qwen1.5-MoE-A2.7B: hidden 2048, expert FFN 1408, 16 heads x 128 (MHA), top-4 of 60 routed.
-QWEN15_MOE = ModelFigures("Qwen1.5-MoE-A2.7B", 2048, 1408, 2048 * 2048 * 4, 4)
+# Qwen1.5-MoE-A2.7B (Qwen/Qwen1.5-MoE-A2.7B config.json): hidden 2048, expert FFN 1408, 16 heads x
+# 128 (MHA), top-4 of 60 routed experts plus one shared expert of FFN 5632 (its sigmoid gate, 2048
+# parameters, left out), read at every decode step.
+QWEN15_MOE = ModelFigures("Qwen1.5-MoE-A2.7B", 2048, 1408, 2048 * 2048 * 4, 4, shared_expert_params=3 * 2048 * 5632)
 # Phi-3.5-MoE: hidden 4096, expert FFN 6400, 32 q heads, 8 kv heads x 128, top-2 of 16.
 PHI35_MOE = ModelFigures("Phi-3.5-MoE", 4096, 6400, 4096 * 4096 * 2 + 4096 * 1024 * 2, 2)
 # Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B config.json): hidden 2048, expert FFN (moe_intermediate_size)
