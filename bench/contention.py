@@ -30,6 +30,7 @@ from expertmap.actors.trace_recorder import TraceRecorder
 from expertmap.bench.paths import recorded
 from expertmap.bench.pipeline_bench import (add_workload_and_model, drive, engine_drive, prompt_ids, stage_totals,
                                              start_local_ray, warm_entries, warmed_store)
+from expertmap.bench.plotting import pyplot, save
 from expertmap.cluster.workload import load_workload, split
 
 logger = logging.getLogger(__name__)
@@ -130,10 +131,7 @@ def write(results: dict, out: Path) -> None:
     ]
     (out / "results.md").write_text("\n".join(lines))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = results["completed_s"]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -142,9 +140,7 @@ def write(results: dict, out: Path) -> None:
     ax.set_ylabel("requests done")
     ax.set_title(f"N={c['gpus']}, {c['clients']} clients, {c['spinners']} spinning processes")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "completions.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "completions.png")
 
 
 def main(argv=None) -> int:

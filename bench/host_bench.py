@@ -28,6 +28,7 @@ from expertmap.actors.host_profiles import host_config
 from expertmap.actors.link_profiles import link_config
 from expertmap.actors.trace_recorder import TraceRecorder
 from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
+from expertmap.bench.plotting import pyplot, save
 from expertmap.bench.run import PolicyFactory, build_store, replay_ratio, replay_row, request_eams
 from expertmap.cluster.workload import load_workload, split
 
@@ -270,10 +271,7 @@ def targets(results: dict, hosts) -> list[str]:
 
 
 def plot(results: dict, hosts, policies, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sweep = results["budget_sweep"]
     budgets = sorted(sweep, key=float)
@@ -296,9 +294,7 @@ def plot(results: dict, hosts, policies, path: Path) -> None:
     axes[0][0].set_ylabel("TPOT ms (replay)")
     axes[0][-1].legend(fontsize=7, ncol=2)
     fig.suptitle(f"copy vs --miss auto, link {results['config']['link']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def readme(md: str, command: str, link: str) -> str:

@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from expertmap.bench.plotting import pyplot, save
 from expertmap.bench.report import gap_closed
 
 #: The rows of the side-by-side table and plot (no-prefetch ablations stay in each run's results.md).
@@ -101,10 +102,7 @@ def write_markdown(runs: list[dict], out: Path) -> None:
 
 
 def plot(runs: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     links = list(dict.fromkeys(c.rsplit("/", 1)[0] for c in cells_of(runs)))
     ratios = {k: v for r in runs for k, v in r["config"].get("grid_links", {}).items()}
@@ -132,9 +130,7 @@ def plot(runs: list[dict], out: Path) -> None:
             ax.set_xlabel("budget (fraction of expert bytes)")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "comparison.png", dpi=100)
-    plt.close(fig)
+    save(fig, out / "comparison.png", dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

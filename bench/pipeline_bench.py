@@ -23,6 +23,7 @@ from expertmap.actors import defaults
 from expertmap.actors.link_profiles import link_config
 from expertmap.bench.paths import DEFAULT_WORKLOAD, recorded
 from expertmap.actors.trace_recorder import RequestTrace, TraceRecorder
+from expertmap.bench.plotting import pyplot, save
 from expertmap.cluster.workload import load_workload, split
 
 logger = logging.getLogger(__name__)
@@ -260,10 +261,7 @@ def write_pipeline_report(results: dict, out: Path) -> None:
             f"{r['bytes_moved'] / 2**20:.0f} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(results["policies"])
@@ -276,6 +274,4 @@ def write_pipeline_report(results: dict, out: Path) -> None:
     ax.set_ylabel("hit rate")
     ax.set_title(f"hit rate per stage ({n} stages)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "hit_rate_per_stage.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "hit_rate_per_stage.png")

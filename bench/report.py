@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from expertmap.bench.plotting import pyplot, save
+
 
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
@@ -113,10 +115,7 @@ def plot_grid(results: dict, out: Path) -> None:
     grid = results.get("grid")
     if not grid:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ratios = results["config"].get("grid_links", {})
     budgets = list(dict.fromkeys(c.rsplit("/", 1)[1] for c in grid))
@@ -140,9 +139,7 @@ def plot_grid(results: dict, out: Path) -> None:
         ax.set_title(f"budget {b}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "gap_vs_ratio.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "gap_vs_ratio.png")
 
 
 def host_lines(results: dict) -> list[str]:
@@ -201,10 +198,7 @@ def write_report(results: dict, out: Path) -> None:
 
 
 def plot_all(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def sweep(key: str, metric, xlabel: str, ylabel: str, name: str):
         data = results[key]
@@ -221,9 +215,7 @@ def plot_all(results: dict, out: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        save(fig, out / name)
 
     sweep("budget_sweep", lambda r: r["hit_rate"], "budget (fraction of expert bytes)", "hit rate", "hit_rate_vs_budget.png")
     sweep("budget_sweep", lambda r: r["tpot_s"]["mean"] * 1e3, "budget (fraction of expert bytes)", "TPOT mean (ms)", "tpot_vs_budget.png")

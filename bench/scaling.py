@@ -29,6 +29,7 @@ from expertmap.bench.paths import recorded
 from expertmap.bench.pipeline_bench import (add_workload_and_model, drive, engine_drive, prompt_ids, stage_totals,
                                              start_local_ray, warm_entries, warmed_store)
 from expertmap.actors.trace_recorder import TraceRecorder
+from expertmap.bench.plotting import pyplot, save
 from expertmap.cluster.workload import load_workload, split
 
 logger = logging.getLogger(__name__)
@@ -147,10 +148,7 @@ def write(results: dict, out: Path) -> None:
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     links = sorted({r["link"] for r in results["runs"]})
     fig, axes = plt.subplots(1, len(links) + 1, figsize=(4.2 * (len(links) + 1), 3.6), squeeze=False)
@@ -171,9 +169,7 @@ def write(results: dict, out: Path) -> None:
         ax.set_xlabel("clients (closed loop)")
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "scaling.png", dpi=110)
-    plt.close(fig)
+    save(fig, out / "scaling.png")
 
 
 def main(argv=None) -> int:

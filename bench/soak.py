@@ -26,6 +26,7 @@ import numpy as np
 import requests
 
 from expertmap.actors import defaults
+from expertmap.bench.plotting import pyplot, save
 
 MODEL = "expertmap-moe-tiny"
 
@@ -176,10 +177,7 @@ def summarize(windows: list[dict], outcomes: dict, args) -> dict:
 
 
 def plot(windows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t = [w["t_s"] / 60 for w in windows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -204,9 +202,7 @@ def plot(windows: list[dict], path: Path) -> None:
     axes[2].legend(fontsize=7)
     for ax in axes:
         ax.set_xlabel("minutes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":
