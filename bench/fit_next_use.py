@@ -9,6 +9,12 @@ fill the map store the searches run against; the model is fitted on the next ``-
 (so a search never finds the very iteration it is asked about) and evaluated on the last
 ``--holdout-prompts`` (store: every earlier prompt). Writes the weights (``NextUseModel``) and,
 per group, log loss, the base rate's log loss and ROC AUC on the fitting and held-out prompts.
+
+``--distance FILE`` also fits the next-use distance model (predictor/next_use_distance.py) on the
+same prompts, gradient-boosted trees from scikit-learn (``HistGradientBoostingRegressor``, the
+bench extra), and writes it to FILE in the format the product reads with NumPy alone; its R2 on
+the held-out prompts goes into ``--out``. A model folder holding FILE as ``next_use_distance.json``
+gives hybrid its eviction order.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 from expertmap.actors import defaults
 from expertmap.actors.config import require_model_folder
 from expertmap.predictor.next_use import FEATURES, GROUPS, fit_next_use, walk
+from expertmap.predictor.next_use_distance import COLUMNS, DistanceModel, training_rows
 from expertmap.predictor.search import SearchIndex
 
 
@@ -56,6 +63,36 @@ def evaluate(model, traces, index, num_layers, num_experts) -> dict:
     return out
 
 
+def distance_rows(traces, index, num_layers, num_experts, horizon) -> tuple[np.ndarray, np.ndarray]:
+    rows = list(training_rows(traces, index, num_layers, num_experts, horizon))
+    if not rows:
+        raise SystemExit(f"--distance: the prompts hold no position {horizon} iterations before their end")
+    return np.concatenate([x for x, _ in rows]).astype(np.float32), np.concatenate([y for _, y in rows])
+
+
+def fit_distance(x, y, horizon: int, trees: int = 50, leaves: int = 15, max_rows: int = 600_000) -> dict:
+    """Boosted trees on log(layers to next use), as the file ``DistanceModel.from_file`` reads."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    if len(x) > max_rows:  # a fixed sample: the fit's time, not its result, grows past this
+        pick = np.random.default_rng(0).choice(len(x), max_rows, replace=False)
+        x, y = x[pick], y[pick]
+    gbm = HistGradientBoostingRegressor(max_iter=trees, max_leaf_nodes=leaves, learning_rate=0.1,
+                                        early_stopping=False, random_state=0).fit(x, y)  # fmt: skip
+    return {"columns": list(COLUMNS), "baseline": float(np.ravel(gbm._baseline_prediction)[0]),
+            "horizon": horizon, "trees": [_tree(p) for (p,) in gbm._predictors]}  # fmt: skip
+
+
+def _tree(predictor) -> dict:
+    """One fitted tree's nodes (scikit-learn's ``TreePredictor.nodes``: not a public interface, so
+    the bench extra bounds the version and tests/test_next_use_distance.py checks the result)."""
+    nodes = predictor.nodes
+    leaf = nodes["is_leaf"].astype(bool)
+    child = {side: np.where(leaf, -1, nodes[side].astype(np.int64)).tolist() for side in ("left", "right")}  # unsigned there
+    return {"feature": nodes["feature_idx"].astype(np.int64).tolist(), "threshold": nodes["num_threshold"].tolist(),
+            **child, "value": nodes["value"].tolist()}  # fmt: skip
+
+
 def main(argv=None) -> int:
     from expertmap.actors.trace_recorder import TraceRecorder
     from expertmap.cluster.workload import load_workload, split
@@ -70,6 +107,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the split and of the sampling (default 0)")
     ap.add_argument("--model", default=str(defaults.BUNDLED_MODEL), type=require_model_folder, help=defaults.MODEL_HELP)
     ap.add_argument("--out", required=True, help="JSON file for the weights")
+    ap.add_argument("--distance", default=None, help="JSON file for the next-use distance model (fitted too if given)")
+    ap.add_argument("--horizon", type=int, default=8, help="the distance label's censoring, in passes (default 8)")
     ap.add_argument("--traces", default=None,
                     help="pickle of the recorded warm-up traces (list of RequestTrace, split order): read if it exists, "
                     "else recorded and written there")
@@ -103,6 +142,15 @@ def main(argv=None) -> int:
         "holdout_prompts": len(holdout),
         "max_new_tokens": a.max_new_tokens, "seed": a.seed,
     }  # fmt: skip
+    if a.distance:
+        fitted = fit_distance(*distance_rows(fit_part, index, L, J, a.horizon), a.horizon)
+        model_d = DistanceModel.from_trees(fitted["baseline"], a.horizon, fitted["trees"])
+        if holdout:
+            x, y = distance_rows(holdout, index_of(traces[:n_fit], L, J), L, J, a.horizon)
+            pred = model_d.log_distance(x.astype(np.float64))
+            out["distance_holdout_r2"] = float(1 - ((y - pred) ** 2).mean() / y.var())
+        Path(a.distance).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.distance).write_text(json.dumps(fitted))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out["weights"]))

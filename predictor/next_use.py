@@ -181,14 +181,16 @@ class NextUseState:
         x[_LOG_OF[:, 0]] = np.log(x[_LOG_OF[:, 1]] + EPS)
         return x.T, group, ahead
 
-    def next_use(self, model: NextUseModel) -> tuple[np.ndarray, np.ndarray]:
-        """(p, expected layers to next use), both [L, J]."""
+    def next_use(self, model: NextUseModel, distance=None) -> tuple[np.ndarray, np.ndarray]:
+        """(p, expected layers to next use), both [L, J]. ``distance``: a ``DistanceModel``
+        (predictor/next_use_distance.py) that predicts the layers to next use itself."""
         x, group, ahead = self.features()
         every = np.clip(model.probabilities(x), EPS, 1 - 1e-6)  # [L*J, G]
         p = every[np.arange(len(group)), group]
-        # after a pass it misses, each later pass is a trial at the next-iteration model's rate q
-        q = every[:, 2]
-        t = ahead + (1.0 - p) * self.L / q
+        if distance is not None:
+            t = distance.layers_to_use(x, group, ahead)
+        else:  # after a pass it misses, each later pass is a trial at the next-iteration model's rate q
+            t = ahead + (1.0 - p) * self.L / every[:, 2]
         return p.reshape(self.L, self.J), t.reshape(self.L, self.J)
 
 

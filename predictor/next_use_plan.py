@@ -24,8 +24,11 @@ UNKNOWN = 1e6  # expected layers to next use before any estimate
 
 class NextUsePlanner:
     def __init__(self, num_layers: int, num_experts: int, owned_layers, num_slots: int, model: NextUseModel,
-                 min_p: float = 0.0, prefetches: bool = True):  # fmt: skip
+                 min_p: float = 0.0, prefetches: bool = True, distance=None):  # fmt: skip
+        """``distance``: a ``DistanceModel`` whose predicted layers to next use order the experts
+        (None: the next-pass model's ``ahead + (1 - p) L / q``)."""
         self.L, self.J = num_layers, num_experts
+        self.distance = distance
         self.owned = np.zeros(num_layers, bool)
         self.owned[list(owned_layers)] = True
         self.num_slots = num_slots
@@ -60,7 +63,7 @@ class NextUsePlanner:
 
     # --- planning -----------------------------------------------------------------------------
     def plan(self) -> None:
-        p, t = self.state.next_use(self.model)  # [L, J] each
+        p, t = self.state.next_use(self.model, self.distance)  # [L, J] each
         self.t = t
         if not self.prefetches:
             return

@@ -37,7 +37,7 @@ class Child:
         self.folder, self.spec = folder, spec
         self.layout = Layout(folder / "ring", spec, create=False)
         self.planner = NextUsePlanner(spec.num_layers, spec.num_experts, spec.owned_layers, spec.num_slots,
-                                      NextUseModel(spec.weights), spec.min_p, spec.prefetches)  # fmt: skip
+                                      NextUseModel(spec.weights), spec.min_p, spec.prefetches, spec.distance)  # fmt: skip
         self.index_gen = 0
         self.done = 0
 

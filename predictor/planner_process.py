@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from expertmap.predictor.linear_router import LinearRouter
+from expertmap.predictor.next_use_distance import DistanceModel
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class PlannerSpec:
     embed_dim: int
     hidden_size: int
     routers: dict[int, LinearRouter] = field(default_factory=dict)  # MoE layer -> its router (this cache's)
+    distance: DistanceModel | None = None  # the next-use distance model, where hybrid has one
     #: the CPU keeps one thread's stores in order (x86-64): the child may follow the parent's event
     #: counter; elsewhere a byte per event orders the ring (the pipe's write and read are barriers)
     ordered_stores: bool = field(default_factory=lambda: platform.machine().lower() in ("x86_64", "amd64"))

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from expertmap.actors import defaults
 from expertmap.predictor.linear_router import LinearRouter
+from expertmap.predictor.next_use_distance import DistanceModel
 from expertmap.predictor.next_use_plan import NextUsePlanner
 from expertmap.predictor.planner_process import SLOTS, PlannerSpec, ProcessPlanner
 from expertmap.predictor.policies.base import PolicyInputs
-from expertmap.predictor.policies.hybrid import DEFAULT_MODEL
+from expertmap.predictor.policies.hybrid import DEFAULT_MODEL, DISTANCE_FILE
 from expertmap.predictor.search import SearchIndex
 
 L, J, H, K = 4, 8, 16, 2
@@ -26,8 +28,12 @@ def _routers(rng, layers=range(L)):
     return {l: LinearRouter(rng.normal(size=(J, H)).astype(np.float32), None, "softmax", K) for l in layers}
 
 
-def _spec(routers, owned=tuple(range(L))):
-    return PlannerSpec(L, J, owned, 6, DEFAULT_MODEL.weights, 0.0, True, H, H, routers)
+def _spec(routers, owned=tuple(range(L)), distance=None):
+    return PlannerSpec(L, J, owned, 6, DEFAULT_MODEL.weights, 0.0, True, H, H, routers, distance)
+
+
+def _bundled_distance():
+    return DistanceModel.from_file(defaults.BUNDLED_MODEL / DISTANCE_FILE)
 
 
 def _index(rng, n=20):
@@ -56,15 +62,18 @@ def _iteration(rng, routers, inline, remote, it, tokens, send_mean=lambda layer:
     return sent
 
 
-def test_the_process_plans_what_the_inline_planner_plans():
+@pytest.mark.parametrize("with_distance", [False, True], ids=["next-pass model", "distance model"])
+def test_the_process_plans_what_the_inline_planner_plans(with_distance):
     """Same events, same store: the process's estimate and plan equal the inline planner's, where
-    the process computes each layer's distribution, gate and chosen experts from the router input."""
+    the process computes each layer's distribution, gate and chosen experts from the router input
+    (with the next-pass model's estimate, and with the bundled distance model's)."""
     rng = np.random.default_rng(0)
     routers = _routers(rng)
     embeddings, maps = _index(rng)
-    inline = NextUsePlanner(L, J, range(L), 6, DEFAULT_MODEL)
+    distance = _bundled_distance() if with_distance else None
+    inline = NextUsePlanner(L, J, range(L), 6, DEFAULT_MODEL, distance=distance)
     inline.index = SearchIndex(embeddings, maps)
-    remote = ProcessPlanner(_spec(routers))
+    remote = ProcessPlanner(_spec(routers, distance=distance))
     try:
         remote.ship_index(embeddings, maps)
         for it in range(5):

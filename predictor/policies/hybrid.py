@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from expertmap.predictor.next_use import NextUseModel
+from expertmap.predictor.next_use_distance import DistanceModel
 from expertmap.predictor.next_use_plan import NextUsePlanner
 from expertmap.predictor.planner_process import FLOAT32, PlannerProcessError, PlannerSpec, ProcessPlanner
 from expertmap.predictor.policies.base import Policy, Prefetch
@@ -54,10 +55,14 @@ class HybridTuning:
     model: NextUseModel = field(default=DEFAULT_MODEL)  # the next-use model (predictor/next_use.py)
     margin: float = 0.0  # admission: expected next use of the prefetch + margin < the victim's (layers)
     min_p: float = 0.0  # prefetch only experts whose next pass uses them with at least this probability
+    #: predicts the layers to next use itself (predictor/next_use_distance.py); None: from the model's p
+    distance: DistanceModel | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, NextUseModel):
             raise TypeError(f"HybridTuning.model must be a NextUseModel, got {type(self.model).__name__}")
+        if self.distance is not None and not isinstance(self.distance, DistanceModel):
+            raise TypeError(f"HybridTuning.distance must be a DistanceModel or None, got {type(self.distance).__name__}")
         if not (np.isfinite(self.margin) and self.margin >= 0):
             raise ValueError(f"HybridTuning.margin {self.margin} must be a finite number >= 0")
         if not 0.0 <= self.min_p < 1.0:
@@ -69,6 +74,7 @@ logger = logging.getLogger(__name__)
 #: A model folder may ship its own next-use weights under this name (the output of
 #: ``python -m expertmap.bench.fit_next_use --model FOLDER --out FOLDER/next_use.json``).
 WEIGHTS_FILE = "next_use.json"
+DISTANCE_FILE = "next_use_distance.json"
 
 
 class Hybrid(FineMoE):
@@ -79,8 +85,14 @@ class Hybrid(FineMoE):
 
     @classmethod
     def tuning_for_model(cls, folder):
-        path = Path(folder) / WEIGHTS_FILE
-        return HybridTuning(model=NextUseModel.from_file(path)) if path.is_file() else None
+        """The folder's fitted next-use weights and distance model, where it has either (None: none)."""
+        weights, distance = Path(folder) / WEIGHTS_FILE, Path(folder) / DISTANCE_FILE
+        if not (weights.is_file() or distance.is_file()):
+            return None
+        return HybridTuning(
+            model=NextUseModel.from_file(weights) if weights.is_file() else DEFAULT_MODEL,
+            distance=DistanceModel.from_file(distance) if distance.is_file() else None,
+        )  # fmt: skip
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -89,7 +101,8 @@ class Hybrid(FineMoE):
         # (FineMoE's prefetch_plan and on_hint read it: no plan and no hint plan on such a link)
         self.model, self.margin = self.tuning.model, self.tuning.margin
         self.core = NextUsePlanner(ctx.num_layers, ctx.num_experts, ctx.owned_layers, ctx.num_slots,
-                                   self.tuning.model, self.tuning.min_p, self.prefetches)  # fmt: skip
+                                   self.tuning.model, self.tuning.min_p, self.prefetches,
+                                   self.tuning.distance)  # fmt: skip
         self._t = self.core.t  # [L, J] expected layers to next use: the newest estimate
         self.remote = self._start_process() if ctx.planner == "process" and not ctx.synchronous else None
         self._plan_seen = -1  # the planner process's plan count behind self._plan_rows
@@ -116,7 +129,7 @@ class Hybrid(FineMoE):
             return None
         spec = PlannerSpec(ctx.num_layers, ctx.num_experts, tuple(ctx.owned_layers), ctx.num_slots,
                            self.tuning.model.weights, self.tuning.min_p, self.prefetches, ctx.hidden_size,
-                           ctx.hidden_size, dict(ctx.linear_routers or {}))  # fmt: skip
+                           ctx.hidden_size, dict(ctx.linear_routers or {}), self.tuning.distance)  # fmt: skip
         try:
             return ProcessPlanner(spec)
         except (PlannerProcessError, OSError) as exc:
