@@ -17,7 +17,8 @@ Three models, by what is known about the expert's next pass: the next layer (the
 a later layer of this iteration, a layer of the next iteration. The expected time to next use in
 layer units is then ``ahead + (1 - p) * L / q`` (its layer comes ``ahead`` layers from now; if that
 pass misses, each later pass is a trial at the next-iteration model's rate ``q``), which the policy evicts by (largest first), admits prefetches by
-and orders them by (smallest first). Learned caches that approximate Belady this way: LRB
+and orders them by (smallest first). Where a ``DistanceModel`` is given (predictor/next_use_distance.py)
+it predicts that time itself from the same features. Learned caches that approximate Belady this way: LRB
 (Song et al., NSDI '20). Everything here is NumPy over [L, J] arrays (about 0.1 ms a position)
 and runs on the policy's background planner.
 """
