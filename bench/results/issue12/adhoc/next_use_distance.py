@@ -95,5 +95,5 @@ for r in (13.1, 1.0):
     shipped = run("hybrid", evals, factory, 32, r)
     pol = make_policy("hybrid", factory.inputs("hybrid", access_trace(evals), True, None).context(L, J, 2, 32, True, copy_layers=r))
     row = replay_with(pol, lambda: DistanceState(L, J), None, evals, 32, r)
-    for label, x_ in (("shipped", shipped), (f"distance {LABEL} H={H}", row)):
+    for label, x_ in (("next-pass rule", shipped), (f"distance {LABEL} H={H}", row)):
         print(gap_line(label, x_, base, orc, tag=f"{EVAL}{len(evals)}", ratio=r), flush=True)
