@@ -5,12 +5,10 @@ Usage: python later_pass_rate.py K (traces from record*.py in /tmp/em12)."""
 import sys, time, pickle, pathlib; sys.path[:0] = ["/tmp/em12", str(pathlib.Path(__file__).parent)]
 import numpy as np
 from expertmap.bench.run import build_store
-from expertmap.bench.simulator import access_trace
 from expertmap.predictor.search import SearchIndex
 from expertmap.predictor import next_use as nu
-from expertmap.predictor.policies import make_policy
-from exp import setup, run
-from refit import gap_line, replay_with
+from exp import setup
+from refit import compare
 L, J = 8, 16
 warm = pickle.load(open("/tmp/em12/warm.pkl", "rb"))
 K = int(sys.argv[1]) if len(sys.argv) > 1 else 2   # passes 2..K
@@ -33,7 +31,7 @@ W2 = np.asarray([nu._logistic(x[g == k].astype(np.float64), y[g == k], 1.0, 25) 
 print("fit", round(time.time() - t0), flush=True)
 class LaterPassState(nu.NextUseState):
     """The rate of every pass after the next one from the passes-2..K model instead of q."""
-    def next_use(self, model):
+    def next_use(self, model, distance=None):
         x, group, ahead = self.features()
         every = np.clip(model.probabilities(x), nu.EPS, 1 - 1e-6)
         p = every[np.arange(len(group)), group]
@@ -41,10 +39,4 @@ class LaterPassState(nu.NextUseState):
         t = ahead + (1.0 - p) * self.L / r
         return p.reshape(self.L, self.J), t.reshape(self.L, self.J)
 factory, evals = setup("tune", 40)
-for r in (13.1, 1.0):
-    base = run("on-demand", evals, factory, 32, r); orc = run("oracle", evals, factory, 32, r)
-    shipped = run("hybrid", evals, factory, 32, r)
-    pol = make_policy("hybrid", factory.inputs("hybrid", access_trace(evals), True, None).context(L, J, 2, 32, True, copy_layers=r))
-    later = replay_with(pol, lambda: LaterPassState(L, J), None, evals, 32, r)
-    for label, x_ in (("shipped", shipped), (f"q=passes2..{K}", later)):
-        print(gap_line(label, x_, base, orc, ratio=r), flush=True)
+compare(f"q=passes2..{K}", lambda: LaterPassState(L, J), factory, evals)

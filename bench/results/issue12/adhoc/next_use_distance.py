@@ -8,28 +8,16 @@ Usage: python next_use_distance.py [linear|gbm] [H] [tune|dev|other] (traces fro
 import os, sys, time, pickle, pathlib; sys.path[:0] = ["/tmp/em12", str(pathlib.Path(__file__).parent)]
 import numpy as np
 from expertmap.bench.run import build_store
-from expertmap.bench.simulator import access_trace
 from expertmap.predictor.search import SearchIndex
 from expertmap.predictor import next_use as nu
-from expertmap.predictor.policies import make_policy
-from exp import setup, run
-from refit import gap_line, replay_with
+from expertmap.predictor.next_use_distance import _next_pass
+from exp import setup
+from refit import compare
 L, J = 8, 16
 KIND = sys.argv[1] if len(sys.argv) > 1 else "linear"
 H = int(sys.argv[2]) if len(sys.argv) > 2 else 8  # censoring horizon, iterations
 EVAL = sys.argv[3] if len(sys.argv) > 3 else "tune"
 warm = pickle.load(open("/tmp/em12/warm.pkl", "rb"))
-
-
-def next_pass(iterations):
-    """[I + 1, L, J]: the first iteration >= i whose pass of layer l uses expert e (I: never)."""
-    n = len(iterations)
-    out = np.full((n + 1, L, J), n, np.int64)
-    for i in range(n - 1, -1, -1):
-        out[i] = out[i + 1]
-        for layer, experts in enumerate(iterations[i].selected):
-            out[i, layer, list(experts)] = i
-    return out
 
 
 def design(x, group, ahead):
@@ -49,7 +37,7 @@ def samples(traces, index):
     nxt = None
     for iterations, i, now in nu.positions(traces, index, state):
         if nxt is None:
-            nxt = next_pass(iterations)
+            nxt = _next_pass(iterations, L, J)
         if i + H >= len(iterations):
             continue  # the horizon runs past the traces: no label
         first = np.where(layer_of > now, i, i + 1)  # [L*J] the iteration of each expert's next pass
@@ -63,7 +51,7 @@ def samples(traces, index):
 class DistanceState(nu.NextUseState):
     predictor = None
 
-    def next_use(self, model):
+    def next_use(self, model, distance=None):
         p, _ = super().next_use(model)  # p still gates the plan (min_p)
         x, group, ahead = self.features()
         t = np.exp(self.predictor(design(x, group, ahead)))
@@ -90,10 +78,4 @@ pe = predict(Xe)
 print(f"fit {time.time() - t0:.0f}s; held-out log-distance R2 {1 - ((ye - pe) ** 2).mean() / ye.var():.3f}", flush=True)
 DistanceState.predictor = staticmethod(predict)
 factory, evals = setup(EVAL, 40 if EVAL == "tune" else None)
-for r in (13.1, 1.0):
-    base = run("on-demand", evals, factory, 32, r); orc = run("oracle", evals, factory, 32, r)
-    shipped = run("hybrid", evals, factory, 32, r)
-    pol = make_policy("hybrid", factory.inputs("hybrid", access_trace(evals), True, None).context(L, J, 2, 32, True, copy_layers=r))
-    row = replay_with(pol, lambda: DistanceState(L, J), None, evals, 32, r)
-    for label, x_ in (("next-pass rule", shipped), (f"distance {LABEL} H={H}", row)):
-        print(gap_line(label, x_, base, orc, tag=f"{EVAL}{len(evals)}", ratio=r), flush=True)
+compare(f"distance {LABEL} H={H}", lambda: DistanceState(L, J), factory, evals, tag=f"{EVAL}{len(evals)}")

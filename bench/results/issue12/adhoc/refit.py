@@ -2,8 +2,9 @@
 next-use models with extra feature columns, fitted on the positions ``next_use.walk`` yields, their
 AUC per group, and a replay of hybrid whose planner state is one of those states."""
 import numpy as np
-from expertmap.bench.simulator import replay
+from expertmap.bench.simulator import access_trace, replay
 from expertmap.predictor import next_use as nu
+from expertmap.predictor.policies import make_policy
 
 
 class XModel:
@@ -59,3 +60,18 @@ def replay_with(policy, make_state, model, evals, slots, ratio):
 def gap_line(label, row, base, oracle, tag="tune40", ratio=None):
     gap = (row["hit"] - base["hit"]) / (oracle["hit"] - base["hit"])
     return f"{tag} r={ratio} {label:14s} hit {row['hit']:.3f} gap {gap:+.2f} tpot {row['tpot'] / base['tpot']:.2f}x"
+
+
+def compare(label, make_state, factory, evals, ratios=(13.1, 1.0), tag="tune40", model=None):
+    """For each ratio: on-demand, the oracle, hybrid as shipped by ``factory`` and hybrid with
+    ``make_state()`` as its planner state; prints the two hybrid rows' gap lines."""
+    from exp import run
+
+    L, J, k = factory.shape
+    for r in ratios:
+        base = run("on-demand", evals, factory, 32, r); orc = run("oracle", evals, factory, 32, r)
+        shipped = run("hybrid", evals, factory, 32, r)
+        pol = make_policy("hybrid", factory.inputs("hybrid", access_trace(evals), True, None).context(L, J, k, 32, True, copy_layers=r))
+        row = replay_with(pol, make_state, model, evals, 32, r)
+        for name, x_ in (("next-pass rule", shipped), (label, row)):
+            print(gap_line(name, x_, base, orc, tag=tag, ratio=r), flush=True)

@@ -7,7 +7,7 @@ from expertmap.predictor import next_use as nu
 from exp import setup, run
 orig = nu.NextUseState.next_use
 def make(theta, mode):
-    def next_use(self, model):
+    def next_use(self, model, distance=None):
         x, group, ahead = self.features()
         every = np.clip(model.probabilities(x), nu.EPS, 1 - 1e-6)
         p = every[np.arange(len(group)), group]
