@@ -557,8 +557,7 @@ class ShardRuntime:
         CUDA it also holds the waits for kernels."""
         if not self.iterations_s:
             return 0.0
-        ran_or_stalled = self.iterations_cpu_s + self.cache.snapshot_stats().stall_s
-        return max(0.0, self.iterations_s - ran_or_stalled) / self.iterations_s
+        return max(0.0, self._unstalled_total_s() - self.iterations_cpu_s) / self.iterations_s
 
     @property
     def unstalled_s(self) -> float:
@@ -567,9 +566,10 @@ class ShardRuntime:
         compute the same tokens, so on the same link and prompts the difference is what the one's
         prediction costs the critical path, everything included."""
         iterations = self.iteration + 1
-        if iterations <= 0:
-            return 0.0
-        return max(0.0, self.iterations_s - self.cache.snapshot_stats().stall_s) / iterations
+        return self._unstalled_total_s() / iterations if iterations > 0 else 0.0
+
+    def _unstalled_total_s(self) -> float:
+        return max(0.0, self.iterations_s - self.cache.snapshot_stats().stall_s)
 
     @property
     def process_frac(self) -> float:
