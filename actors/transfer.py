@@ -81,11 +81,10 @@ class EmulatedLink(TransferEngine):
             left = t0 + total_s - time.perf_counter()
             if left <= 0:
                 break
-            if between_chunks is None or not self.demand.wait(timeout=left):
-                time.sleep(max(0.0, t0 + total_s - time.perf_counter()))  # no miss waited: done
-                break
-            # a miss waits: hold the link to the next chunk boundary, then let the misses go first
-            done = int((time.perf_counter() - t0) / chunk_s) + 1  # chunks complete at the boundary
+            waited = between_chunks is not None and self.demand.wait(timeout=left)
+            # a miss waits: hold the link to the next chunk boundary (chunks complete there), then
+            # let the misses go first; none did, or the boundary is the copy's end: finish it
+            done = int((time.perf_counter() - t0) / chunk_s) + 1 if waited else self.chunks
             if done >= self.chunks:
                 time.sleep(max(0.0, t0 + total_s - time.perf_counter()))
                 break
